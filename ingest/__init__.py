@@ -1,1 +1,3 @@
-"""openai-audit-ingest: an exact copy of an OpenAI organization audit log in your warehouse."""
+"""openai-audit-ingest: an exact copy of an OpenAI organization's audit log in your warehouse."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,286 @@
+"""The audit-log endpoint: `Client.get_page` fetches one page with retries, `fetch_pages` follows the cursor.
+
+Retries: 429 (honouring `retry-after-ms` / `Retry-After`), 500/502/503/504, connection errors, resets,
+timeouts and bodies that do not parse (truncated). Never 400/401/403/404: those need a person.
+One Client may serve several threads (backfill slices): a 429 seen by one pauses them all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+
+from ingest import __version__
+from ingest.errors import (
+    ApiUnavailableError,
+    AuthError,
+    BadResponseError,
+    IngestError,
+    NotEnabledError,
+    RateLimitedError,
+)
+
+log = logging.getLogger("ingest.api")
+
+PATH = "/organization/audit_logs"
+PAGE_SIZE = 100  # the API's maximum
+_TRANSIENT_STATUS = {500, 502, 503, 504}
+
+
+class CursorRejected(BadResponseError):
+    """The API refused a stored `after` cursor (e.g. its event expired): restart the sweep."""
+
+
+class Interrupted(IngestError):
+    """A stop was requested (SIGTERM/SIGINT) while waiting."""
+
+    exit_code = 0
+
+
+@dataclass(frozen=True)
+class Query:
+    """Server-side filters of one sweep. Times are Unix seconds, both bounds inclusive."""
+
+    gte: int | None = None
+    lte: int | None = None
+    event_types: tuple[str, ...] = ()
+    project_ids: tuple[str, ...] = ()
+
+    def params(self, after: str | None) -> list[tuple[str, str | int]]:
+        params: list[tuple[str, str | int]] = [("limit", PAGE_SIZE)]
+        if self.gte is not None:
+            params.append(("effective_at[gte]", self.gte))
+        if self.lte is not None:
+            params.append(("effective_at[lte]", self.lte))
+        params += [("event_types[]", t) for t in self.event_types]
+        params += [("project_ids[]", p) for p in self.project_ids]
+        if after:
+            params.append(("after", after))
+        return params
+
+
+@dataclass
+class Page:
+    events: list[dict]
+    last_id: str | None
+    has_more: bool
+    # (text, reason) of array items that cannot be stored as events; they go to `rejected_events`.
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    retries: int = 0
+    rate_limit_wait: float = 0.0
+
+
+class Client:
+    def __init__(
+        self,
+        base_url: str,
+        key: str,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 8,
+        retry_base_delay: float = 0.5,
+        retry_max_delay: float = 60.0,
+        stop: threading.Event | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {key}", "User-Agent": f"openai-audit-ingest/{__version__}"},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+            transport=transport,
+        )
+        self._max_retries = max_retries
+        self._base_delay = retry_base_delay
+        self._max_delay = retry_max_delay
+        self._stop = stop or threading.Event()
+        self._lock = threading.Lock()
+        self._paused_until = 0.0  # shared by every thread using this client
+        self.stats = Stats()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+
+    def get_page(self, query: Query, after: str | None = None) -> Page:
+        params = query.params(after)
+        failure = "no attempt made"
+        for attempt in range(self._max_retries + 1):
+            self._wait_for_pause()
+            with self._lock:
+                self.stats.requests += 1
+            delay = None
+            try:
+                response = self._http.get(PATH, params=params)
+            except httpx.TransportError as exc:
+                failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                status = response.status_code
+                if status == 200:
+                    try:
+                        return parse_page(response.content)
+                    except ValueError as exc:
+                        failure = f"unusable response body ({exc})"
+                elif status == 429:
+                    failure = "rate limited (429)"
+                    delay = _retry_after(response.headers)
+                elif status in _TRANSIENT_STATUS:
+                    failure = f"HTTP {status}"
+                else:
+                    raise _permanent_error(response, after)
+            if attempt == self._max_retries:
+                break
+            delay = self._backoff(attempt) if delay is None else min(delay, self._max_delay)
+            log.warning("request failed (%s); retry %d/%d in %.2fs", failure, attempt + 1, self._max_retries, delay)
+            with self._lock:
+                self.stats.retries += 1
+                if failure.startswith("rate limited"):
+                    self.stats.rate_limit_wait += delay
+                    self._paused_until = max(self._paused_until, time.monotonic() + delay)
+            self._sleep(delay)
+        if failure.startswith("rate limited"):
+            raise RateLimitedError(
+                f"still rate limited by the API after {self._max_retries} retries; "
+                "wait and run again, or lower the sync frequency"
+            )
+        if failure.startswith("unusable"):
+            raise BadResponseError(f"the API kept returning an {failure}; retried {self._max_retries} times")
+        raise ApiUnavailableError(
+            f"cannot reach the audit-log API at {self._http.base_url} ({failure}) after {self._max_retries} "
+            "retries; check the network and OPENAI_BASE_URL, then run again (the checkpoint is safe)"
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        # Exponential backoff with full jitter, so that parallel fetchers do not retry in lockstep.
+        return random.uniform(0, min(self._max_delay, self._base_delay * 2**attempt))
+
+    def _wait_for_pause(self) -> None:
+        while (remaining := self._paused_until - time.monotonic()) > 0:
+            self._sleep(remaining)
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise Interrupted("stopped")
+
+
+def fetch_pages(client: Client, query: Query, after: str | None = None) -> Iterator[Page]:
+    """Pages newest first, from `after` (exclusive) until the API says there are no more."""
+    while True:
+        page = client.get_page(query, after)
+        yield page
+        if not page.has_more or not page.last_id:
+            return
+        after = page.last_id
+
+
+def parse_page(body: bytes) -> Page:
+    """A list response -> Page. Raises ValueError when the body is not a usable page (retried)."""
+    documents = _json_documents(body)
+    data: list = []
+    for doc in documents:
+        if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+            raise ValueError("not a list object with `data`")
+        data.extend(doc["data"])
+    last_doc = documents[-1]
+    events, rejected = [], []
+    for item in data:
+        reason = _invalid_event(item)
+        if reason:
+            rejected.append((_dumps(item), reason))
+        else:
+            events.append(item)
+    last_id = last_doc.get("last_id")
+    if not isinstance(last_id, str) or not last_id:
+        last_id = data[-1].get("id") if data and isinstance(data[-1], dict) else None
+    return Page(events, last_id if isinstance(last_id, str) else None, last_doc.get("has_more") is True, rejected)
+
+
+def _json_documents(body: bytes) -> list:
+    """One JSON document, or several concatenated (seen in production)."""
+    try:
+        return [orjson.loads(body)]
+    except orjson.JSONDecodeError:
+        pass
+    text = body.decode("utf-8", errors="strict") if body else ""
+    decoder, docs, pos = json.JSONDecoder(), [], 0
+    while pos < len(text):
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos == len(text):
+            break
+        doc, pos = decoder.raw_decode(text, pos)  # raises ValueError: retried as a bad body
+        docs.append(doc)
+    if not docs:
+        raise ValueError("empty body")
+    return docs
+
+
+def _invalid_event(item: object) -> str | None:
+    if not isinstance(item, dict):
+        return "not a JSON object"
+    if not isinstance(item.get("id"), str) or not item["id"]:
+        return "missing or non-string id"
+    if not isinstance(item.get("type"), str) or not item["type"]:
+        return "missing or non-string type"
+    at = item.get("effective_at")
+    if not isinstance(at, int) or isinstance(at, bool):
+        return "missing or non-integer effective_at"
+    if not -(2**40) < at < 2**40:
+        return "effective_at out of range"
+    return None
+
+
+def _dumps(value: object) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # integers beyond 64 bits
+        return json.dumps(value, ensure_ascii=False)
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers[name]) * scale)
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def _permanent_error(response: httpx.Response, after: str | None) -> IngestError:
+    status = response.status_code
+    detail = _error_message(response)
+    if status == 401:
+        return AuthError(
+            "the API rejected the admin key (401): check OPENAI_ADMIN_KEY holds an organization admin key (sk-admin-...)"
+        )
+    if status == 403:
+        return NotEnabledError(
+            "the API refused access (403): enable audit logging in the organization's settings "
+            "(Data controls) and use an admin key with the api.audit_logs.read scope" + (f" [{detail}]" if detail else "")
+        )
+    if status in (400, 404) and after:
+        return CursorRejected(f"the API rejected the cursor {after!r} ({status}: {detail})", status)
+    return BadResponseError(f"the API answered {status}: {detail or response.reason_phrase}", status)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return str(message)[:300]

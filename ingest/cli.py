@@ -1,0 +1,263 @@
+"""`audit-ingest`: the commands only wire settings, the API client, the sync engine and the warehouse.
+
+Every failure a user can act on is an `IngestError`: one line on stderr, its own exit code (README,
+"Exit codes"), and a traceback only with --debug. Heavy modules are imported inside the commands so
+that a run with nothing to do starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import click
+
+from ingest.errors import ConfigError, IngestError
+
+log = logging.getLogger("ingest")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except IngestError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="AUDIT_INGEST_CONFIG",
+              help="TOML config file (default: none; env AUDIT_INGEST_CONFIG).")  # fmt: skip
+@click.option("--debug", is_flag=True, help="DEBUG logging and tracebacks on errors.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.version_option(package_name="openai-audit-ingest")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool, log_format: str) -> None:
+    """Copy an OpenAI organization's audit log into DuckDB or PostgreSQL, exactly."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(config_path=config_path, debug=debug, log_format=log_format)
+
+
+def _settings(ctx: click.Context, **overrides):
+    from ingest.config import load_settings
+
+    obj = ctx.find_root().obj
+    if "settings" not in obj:
+        obj["settings"] = load_settings(obj["config_path"], **overrides)
+        _setup_logging(obj["settings"], obj["debug"], obj["log_format"])
+    return obj["settings"]
+
+
+def _warehouse(settings):
+    from ingest.store import Warehouse
+
+    return Warehouse(settings.database_url, settings.db_schema)
+
+
+@cli.command()
+@click.option("--source", "source_name", help="Only this configured source.")
+@click.pass_context
+def run(ctx: click.Context, source_name: str | None) -> None:
+    """One incremental sync of every source, then exit."""
+    from ingest.sync import run_sources
+
+    settings = _settings(ctx)
+    sources = settings.source(source_name)
+    for source in sources:
+        source.admin_key()  # fail on a missing key before touching the database
+    with _progress() as on_progress:
+        summaries = run_sources(settings, _warehouse(settings), sources, on_progress=on_progress)
+    for summary in summaries:
+        click.echo(summary.line())
+
+
+@cli.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Checkpoint, events stored, newest event and recent runs, per source."""
+    from ingest.report import status_rows
+
+    settings = _settings(ctx)
+    rows = status_rows(_warehouse(settings), settings)
+    _print_table(rows, title="audit-ingest status")
+
+
+@cli.command()
+@click.option("--events", default=5000, show_default=True, help="Events the simulator holds.")
+@click.option("--database", default="duckdb:///audit-ingest-demo.duckdb", show_default=True,
+              help="Where the demo writes (kept apart from the real warehouse).")  # fmt: skip
+@click.pass_context
+def demo(ctx: click.Context, events: int, database: str) -> None:
+    """No key needed: the built-in simulator -> DuckDB -> a summary of what landed."""
+    from ingest.config import Source
+    from ingest.report import demo_summary
+    from ingest.simulator import Simulator, SimulatorServer
+    from ingest.sync import run_sources
+
+    key = "sk-admin-demo-not-a-real-key"
+    os.environ["AUDIT_INGEST_DEMO_KEY"] = key
+    with SimulatorServer(Simulator(events=events, seed=7, key=key)) as server:
+        settings = _settings(ctx, base_url=server.url, database_url=database, db_schema=None,
+                             sources=(Source(name="demo", key_env="AUDIT_INGEST_DEMO_KEY"),))  # fmt: skip
+        warehouse = _warehouse(settings)
+        click.echo(f"simulator at {server.url} with {events:,} events; warehouse {database}")
+        with _progress() as on_progress:
+            first = run_sources(settings, warehouse, settings.sources, on_progress=on_progress)[0]
+        click.echo("first run:  " + first.line())
+        server.sim.append(25)
+        second = run_sources(settings, warehouse, settings.sources)[0]
+        click.echo("second run: " + second.line() + "  (25 new events were appended in between)")
+    for title, rows in demo_summary(warehouse):
+        _print_table(rows, title=title)
+    click.echo(f"\nExplore it: duckdb {database.removeprefix('duckdb:///')}   or   "
+               f"AUDIT_INGEST_DATABASE_URL={database} audit-ingest status")  # fmt: skip
+
+
+@cli.command()
+@click.option("--port", default=8080, show_default=True)
+@click.option("--events", default=10000, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--fault-rate", default=0.0, show_default=True, help="Share of requests answered with a fault.")
+@click.option("--latency", default=0.0, show_default=True, help="Seconds added to every response.")
+def simulate(port: int, events: int, seed: int, fault_rate: float, latency: float) -> None:
+    """Serve the built-in audit-log API simulator on 127.0.0.1 (key: $OPENAI_ADMIN_KEY)."""
+    from ingest.simulator import serve
+
+    key = os.environ.get("OPENAI_ADMIN_KEY", "").strip()
+    if not key:
+        raise ConfigError("OPENAI_ADMIN_KEY is not set: export the key the simulator should accept")
+    serve(port=port, events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency)
+
+
+@cli.group()
+def db() -> None:
+    """Warehouse schema maintenance."""
+
+
+@db.command()
+@click.pass_context
+def upgrade(ctx: click.Context) -> None:
+    """Apply the schema migrations (run does this by itself)."""
+    applied = _warehouse(_settings(ctx)).upgrade()
+    click.echo(f"upgraded: {' -> '.join(applied)}" if applied else "already up to date")
+
+
+@db.command("rebuild-typed")
+@click.pass_context
+def rebuild_typed(ctx: click.Context) -> None:
+    """Re-derive every typed table from the stored raw JSON (no API call)."""
+    from ingest.store import rebuild_typed as rebuild
+
+    warehouse = _warehouse(_settings(ctx))
+    warehouse.ensure_schema()
+    with warehouse.connect() as conn, conn.begin():
+        count = rebuild(conn)
+    click.echo(f"re-derived typed rows of {count:,} events")
+
+
+# ------------------------------------------------------------------------------------------ output
+def _print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not rows:
+        console.print(f"{title}: nothing yet")
+        return
+    table = Table(title=title, title_justify="left")
+    for name in rows[0]:
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    console.print(table)
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing otherwise (the log lines say enough)."""
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+        )  # fmt: skip
+        self.bar.start()
+        self.tasks: dict[str, int] = {}
+        return self.update
+
+    def update(self, s) -> None:
+        task = self.tasks.get(s.source)
+        if task is None:
+            task = self.tasks[s.source] = self.bar.add_task(s.source, total=None, stats="")
+        gte, lte = s.window
+        total = completed = None
+        if gte is not None and lte is not None and s.oldest_seen is not None and lte > gte:
+            total, completed = lte - gte, min(lte - gte, lte - s.oldest_seen)
+        rate = s.events_seen / max(1e-6, time.monotonic() - s.started)
+        stats = f"{s.pages:,} pages  {s.events_seen:,} events  {rate:,.0f}/s"
+        self.bar.update(task, total=total, completed=completed or 0, stats=stats)
+
+    def __exit__(self, *exc) -> None:
+        if sys.stderr.isatty():
+            self.bar.stop()
+
+
+# ------------------------------------------------------------------------------------------ logging
+class _Redact(logging.Filter):
+    """Last line of defence: no log record may carry an admin key, whoever logs it (httpx included)."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 8]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(s in message for s in self.secrets):
+            for secret in self.secrets:
+                message = message.replace(secret, "[redacted]")
+            record.msg, record.args = message, None
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(settings, debug: bool, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter() if log_format == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    handler.addFilter(_Redact([os.environ.get(s.key_env, "") for s in settings.sources] + [os.environ.get("OPENAI_ADMIN_KEY", "")]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    level = logging.DEBUG if debug else getattr(logging, settings.log_level)
+    root.setLevel(level)
+    # httpx logs every request and Alembic every plugin at INFO; keep that for DEBUG.
+    for noisy in ("httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(level if debug else logging.WARNING)
+
+
+def main() -> None:
+    cli(prog_name="audit-ingest")

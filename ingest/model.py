@@ -1,0 +1,588 @@
+"""The warehouse model: tables, and how an event becomes rows.
+
+Everything that knows an event type by name is the data in `FAMILIES` (types with a payload schema:
+typed rows) and `OPAQUE_TYPES` (no schema: the `audit_events` row and JSON only). The rest of the
+package is generic. To add a type: declare it here, add an Alembic revision, run
+`audit-ingest db upgrade` (which re-derives typed rows of stored events from `raw`).
+
+Lookup rule for a declared field: the payload's own key first, then inside `data`, then inside
+`changes_requested` (the spec and the wire disagree on which of the two some types use), so
+`data`/`changes_requested` fields land flattened in the family table. A column declared with the
+name `data` or `changes_requested` and type `json` takes that object whole (free-form payloads).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+JSON = sa.JSON().with_variant(JSONB(), "postgresql")
+SQL_TYPES = {"str": sa.Text, "int": sa.BigInteger, "bool": sa.Boolean, "float": sa.Float, "json": JSON}
+
+
+@dataclass(frozen=True)
+class Col:
+    name: str  # column name
+    field: str  # key in the payload (see the lookup rule above)
+    type: str = "str"  # str | int | bool | float | json
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list field stored in a child table (event_id, position, ...)."""
+
+    table: str
+    field: str
+    value: str | None = None  # list of scalars: the value column's name
+    columns: tuple[Col, ...] = ()  # list of objects: one column per property
+
+
+@dataclass(frozen=True)
+class Family:
+    table: str
+    types: tuple[str, ...]
+    columns: tuple[Col, ...]
+    lists: tuple[ListOf, ...] = ()
+
+
+_SEL = (Col("certificate_id", "id"), Col("name", "name"))  # {id, name} items of activations
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "api_key_events",
+        ("api_key.created", "api_key.updated", "api_key.deleted"),
+        (Col("key_id", "id"),),
+        (ListOf("api_key_event_scopes", "scopes", value="scope"),),
+    ),
+    Family(
+        "certificate_events",
+        ("certificate.created", "certificate.updated", "certificate.deleted",
+         "certificates.activated", "certificates.deactivated"),
+        (Col("certificate_id", "id"), Col("name", "name"), Col("certificate", "certificate")),
+        (ListOf("certificate_event_certificates", "certificates", columns=_SEL),),
+    ),
+    Family(
+        "checkpoint_permission_events",
+        ("checkpoint.permission.created", "checkpoint.permission.deleted"),
+        (Col("permission_id", "id"), Col("project_id", "project_id"),
+         Col("fine_tuned_model_checkpoint", "fine_tuned_model_checkpoint")),
+    ),
+    Family(
+        "external_key_events",
+        ("external_key.registered", "external_key.removed"),
+        (Col("external_key_id", "id"), Col("data", "data", "json")),
+    ),
+    Family(
+        "group_events",
+        ("group.created", "group.updated", "group.deleted"),
+        (Col("group_id", "id"), Col("group_name", "group_name")),
+    ),
+    Family(
+        "invite_events",
+        ("invite.sent", "invite.accepted", "invite.deleted"),
+        (Col("invite_id", "id"), Col("email", "email"), Col("role", "role")),
+    ),
+    Family(
+        "ip_allowlist_events",
+        ("ip_allowlist.created", "ip_allowlist.updated", "ip_allowlist.deleted",
+         "ip_allowlist.config.activated", "ip_allowlist.config.deactivated"),
+        (Col("allowlist_id", "id"), Col("name", "name")),
+        (
+            ListOf("ip_allowlist_event_ips", "allowed_ips", value="ip"),
+            ListOf("ip_allowlist_event_configs", "configs", columns=(Col("config_id", "id"), Col("name", "name"))),
+        ),
+    ),
+    Family(
+        "login_events",
+        ("login.succeeded", "login.failed", "logout.succeeded", "logout.failed"),
+        (Col("error_code", "error_code"), Col("error_message", "error_message")),
+    ),
+    Family(
+        "organization_events",
+        ("organization.updated",),
+        (Col("organization_id", "id"), Col("title", "title"), Col("description", "description"),
+         Col("name", "name"), Col("threads_ui_visibility", "threads_ui_visibility"),
+         Col("usage_dashboard_visibility", "usage_dashboard_visibility"),
+         Col("api_call_logging", "api_call_logging"),
+         Col("api_call_logging_project_ids", "api_call_logging_project_ids")),
+    ),
+    Family(
+        "project_events",
+        ("project.created", "project.updated", "project.archived", "project.deleted"),
+        (Col("project_id", "id"), Col("name", "name"), Col("title", "title")),
+    ),
+    Family(
+        "rate_limit_events",
+        ("rate_limit.updated", "rate_limit.deleted"),
+        (Col("rate_limit_id", "id"),
+         *(Col(n, n, "int") for n in (
+             "max_requests_per_1_minute", "max_tokens_per_1_minute", "max_images_per_1_minute",
+             "max_audio_megabytes_per_1_minute", "max_requests_per_1_day", "batch_1_day_max_input_tokens"))),
+    ),
+    Family(
+        "role_events",
+        ("role.created", "role.updated", "role.deleted"),
+        (Col("role_id", "id"), Col("role_name", "role_name"), Col("resource_type", "resource_type"),
+         Col("resource_id", "resource_id"), Col("description", "description"),
+         Col("metadata", "metadata", "json")),
+        (
+            ListOf("role_event_permissions", "permissions", value="permission"),
+            ListOf("role_event_permissions_added", "permissions_added", value="permission"),
+            ListOf("role_event_permissions_removed", "permissions_removed", value="permission"),
+        ),
+    ),
+    Family(
+        "role_assignment_events",
+        ("role.assignment.created", "role.assignment.deleted"),
+        (Col("assignment_id", "id"), Col("principal_id", "principal_id"), Col("principal_type", "principal_type"),
+         Col("resource_id", "resource_id"), Col("resource_type", "resource_type")),
+    ),
+    Family(
+        "role_binding_events",
+        ("role.bound_to_resource", "role.unbound_from_resource"),
+        (Col("bound_resource_id", "id"), Col("role_id", "role_id"), Col("resource_id", "resource_id"),
+         Col("resource_type", "resource_type"), Col("workspace_id", "workspace_id"),
+         Col("connector_id", "connector_id"), Col("connector_name", "connector_name"),
+         Col("enabled", "enabled", "bool"), Col("source", "source")),
+        (ListOf("role_binding_event_permissions", "permissions", value="permission"),),
+    ),
+    Family(
+        "scim_events",
+        ("scim.enabled", "scim.disabled"),
+        (Col("scim_id", "id"),),
+    ),
+    Family(
+        "service_account_events",
+        ("service_account.created", "service_account.updated", "service_account.deleted"),
+        (Col("service_account_id", "id"), Col("role", "role")),
+    ),
+    Family(
+        "user_events",
+        ("user.added", "user.updated", "user.deleted"),
+        (Col("user_id", "id"), Col("role", "role")),
+    ),
+    Family(
+        "workload_identity_provider_events",
+        ("workload_identity_provider.created", "workload_identity_provider.updated",
+         "workload_identity_provider.deleted"),
+        (Col("provider_id", "id"), Col("name", "name"), Col("data", "data", "json"),
+         Col("changes_requested", "changes_requested", "json")),
+    ),
+    Family(
+        "workload_identity_provider_mapping_events",
+        ("workload_identity_provider_mapping.created", "workload_identity_provider_mapping.updated",
+         "workload_identity_provider_mapping.deleted"),
+        (Col("mapping_id", "id"), Col("identity_provider_id", "identity_provider_id"),
+         Col("project_id", "project_id"), Col("service_account_id", "service_account_id"),
+         Col("data", "data", "json"), Col("changes_requested", "changes_requested", "json")),
+    ),
+)  # fmt: skip
+
+# Types in the spec's enum without a payload schema: the event row and its JSON only.
+OPAQUE_TYPES = frozenset(
+    {
+        "resource.deleted",
+        "tunnel.created",
+        "tunnel.updated",
+        "tunnel.deleted",
+        "tenant.metadata.updated",
+        "tenant.microsoft_entra_mapping.upserted",
+        "tenant.microsoft_entra_mapping.deleted",
+        "tenant.workload_identity.provider.created",
+        "tenant.workload_identity.provider.updated",
+        "tenant.workload_identity.provider.archived",
+        "tenant.workload_identity.mapping.created",
+        "tenant.workload_identity.mapping.updated",
+        "tenant.workload_identity.mapping.archived",
+        "tenant.workload_identity.binding.created",
+        "tenant.workload_identity.principal.provisioned",
+        "tenant.workload_identity.access_token.issued",
+        "tenant.admin_api_key.created",
+        "tenant.admin_api_key.updated",
+        "tenant.admin_api_key.deleted",
+        "tenant.project_api_key.created",
+        "tenant.chatgpt_access_token.revoked",
+        "tenant.migration.completed",
+        "tenant.sso.migrated",
+        "tenant.domains.migrated",
+        "tenant.sso_connection.created",
+        "tenant.sso_connection.updated",
+        "tenant.sso_connection.deleted",
+        "tenant.sso_connection.setup.started",
+        "tenant.policy.created",
+        "tenant.policy.updated",
+        "tenant.policy.deleted",
+        "tenant.policy.attached",
+        "tenant.policy.detached",
+        "tenant.principal_authentication_policy.resolved",
+        "tenant.scim.setup.started",
+        "tenant.scim.deletion.requested",
+        "tenant.scim.directory.created",
+        "tenant.product_access_policy.updated",
+        "tenant.resource_share_grant.created",
+        "tenant.resource_share_grant.updated",
+        "tenant.resource_share_grant.accepted",
+        "tenant.resource_share_grant.declined",
+        "tenant.resource_share_grant.revoked",
+        "tenant.resource_share_grant.deleted",
+        "tenant.service_account.updated",
+        "tenant.service_account.deleted",
+        "tenant.service_account.token.revoked",
+        "tenant.billing.overage_limit.updated",
+        "tenant.billing.alerts.updated",
+        "tenant.billing.info.updated",
+        "tenant.usage_limit.workspace.updated",
+        "tenant.usage_limit.group.updated",
+        "tenant.usage_limit.user.updated",
+        "tenant.usage_limit.increase_request.updated",
+        "tenant.usage_limit.increase_request.resolved",
+        "tenant.group.created",
+        "tenant.group.updated",
+        "tenant.group.deleted",
+        "tenant.group.member.added",
+        "tenant.group.member.removed",
+        "tenant.migration_rollout.status.updated",
+        "tenant.migration_rollout.tier.updated",
+        "tenant.role.metadata.updated",
+        "tenant.custom_role.created",
+        "tenant.custom_role.updated",
+        "tenant.custom_role.deleted",
+        "tenant.role_assignment.created",
+        "tenant.role_assignment.deleted",
+        "tenant.resource_role_assignment.created",
+        "tenant.resource_role_assignment.deleted",
+        "tenant.resource_access.updated",
+        "tenant.resource_access.deleted",
+        "tenant.ads_account.onboarding.redemption",
+        "tenant.session_policy.created",
+        "tenant.session_policy.updated",
+        "tenant.session_policy.deleted",
+        "tenant.session_revocation.started",
+        "tenant.third_party_app_policy.updated",
+        "tenant.user.added",
+        "tenant.user.updated",
+        "tenant.user.removed",
+        "tenant.user.looked_up",
+        "tenant.user.invited",
+        "tenant.membership.revoked",
+        "tenant.api_organization_invite.upserted",
+        "tenant.api_organization_invite.deleted",
+        "tenant.chatgpt_workspace_invite.upserted",
+        "tenant.membership.accepted",
+        "tenant.membership.declined",
+        "tenant.workspace_invite_email_settings.updated",
+    }
+)
+
+FAMILY_OF_TYPE = {t: f for f in FAMILIES for t in f.types}
+
+# ---------------------------------------------------------------------------------------------- tables
+metadata = sa.MetaData()
+
+
+def _ts(name: str, **kw: Any) -> sa.Column:
+    # Naive UTC timestamps: the same on both backends, and DuckDB needs no time-zone extension.
+    return sa.Column(name, sa.DateTime(timezone=False), **kw)
+
+
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+    _ts("effective_at", nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("project_id", sa.Text),
+    sa.Column("project_name", sa.Text),
+    sa.Column("resource_id", sa.Text),  # the payload's `id`: the object acted upon
+    sa.Column("actor_type", sa.Text),  # session | api_key | NULL
+    sa.Column("actor_user_id", sa.Text),
+    sa.Column("actor_email", sa.Text),
+    sa.Column("actor_api_key_id", sa.Text),
+    sa.Column("actor_service_account_id", sa.Text),
+    sa.Column("ip_address", sa.Text),
+    sa.Column("user_agent", sa.Text),
+    sa.Column("ja3", sa.Text),
+    sa.Column("ja4", sa.Text),
+    sa.Column("ip_country", sa.Text),
+    sa.Column("ip_region", sa.Text),
+    sa.Column("ip_region_code", sa.Text),
+    sa.Column("ip_city", sa.Text),
+    sa.Column("ip_asn", sa.Text),
+    sa.Column("ip_latitude", sa.Float),
+    sa.Column("ip_longitude", sa.Float),
+    sa.Column("payload", JSON),  # the object under the key equal to `type`
+    sa.Column("raw", JSON, nullable=False),  # the whole event as served
+    _ts("ingested_at", nullable=False),
+)
+
+users = sa.Table(
+    "users", metadata, sa.Column("id", sa.Text, primary_key=True), sa.Column("email", sa.Text),
+    _ts("first_seen"), _ts("last_seen"),
+)  # fmt: skip
+service_accounts = sa.Table(
+    "service_accounts", metadata, sa.Column("id", sa.Text, primary_key=True), _ts("first_seen"), _ts("last_seen"),
+)  # fmt: skip
+api_keys = sa.Table(
+    "api_keys", metadata, sa.Column("id", sa.Text, primary_key=True), sa.Column("owner_type", sa.Text),
+    sa.Column("user_id", sa.Text), sa.Column("service_account_id", sa.Text), _ts("first_seen"), _ts("last_seen"),
+)  # fmt: skip
+projects = sa.Table(
+    "projects", metadata, sa.Column("id", sa.Text, primary_key=True), sa.Column("name", sa.Text),
+    _ts("first_seen"), _ts("last_seen"),
+)  # fmt: skip
+# Dimension tables: the newest event decides the mutable attributes.
+DIMENSIONS = (users, service_accounts, api_keys, projects)
+
+sync_state = sa.Table(
+    "sync_state",
+    metadata,
+    sa.Column("key", sa.Text, primary_key=True),  # the source name, or backfill:<source>:<since>:<until>:<slice>
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # incremental | backfill
+    sa.Column("checkpoint", sa.BigInteger),  # incremental: swept up to here (Unix s); backfill: done when set
+    sa.Column("sweep_gte", sa.BigInteger),  # the unfinished sweep's window and cursor, NULL when idle
+    sa.Column("sweep_lte", sa.BigInteger),
+    sa.Column("sweep_cursor", sa.Text),
+    _ts("updated_at", nullable=False),
+)
+
+sync_runs = sa.Table(
+    "sync_runs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    _ts("started_at", nullable=False),
+    _ts("finished_at"),
+    sa.Column("status", sa.Text, nullable=False),  # running | ok | failed | interrupted
+    sa.Column("pages", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("events_seen", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("events_new", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("rejected", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("mismatches", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("retries", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("rate_limit_wait", sa.Float, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+)
+
+rejected_events = sa.Table(
+    "rejected_events",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),  # sha256 of source and text: a replay stores it once
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("raw_text", sa.Text, nullable=False),
+    _ts("received_at", nullable=False),
+)
+
+
+def _family_tables(family: Family) -> list[sa.Table]:
+    def event_id() -> sa.Column:
+        return sa.Column("event_id", sa.Text, sa.ForeignKey("audit_events.id"), primary_key=True)
+
+    tables = [
+        sa.Table(
+            family.table, metadata, event_id(),
+            *(sa.Column(c.name, SQL_TYPES[c.type]) for c in family.columns),
+        )
+    ]  # fmt: skip
+    for lst in family.lists:
+        cols = [sa.Column(lst.value, sa.Text)] if lst.value else [sa.Column(c.name, SQL_TYPES[c.type]) for c in lst.columns]
+        tables.append(
+            sa.Table(
+                lst.table, metadata, event_id(),
+                sa.Column("position", sa.Integer, primary_key=True), *cols,
+            )
+        )  # fmt: skip
+    return tables
+
+
+TYPED_TABLES: tuple[sa.Table, ...] = tuple(t for f in FAMILIES for t in _family_tables(f))
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text; orjson is fast, json covers integers beyond 64 bits."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def to_datetime(unix: int) -> datetime:
+    return datetime.fromtimestamp(unix, UTC).replace(tzinfo=None)
+
+
+@dataclass
+class Batch:
+    """The rows of some events, by table name, ready for `store.save_batch`."""
+
+    events: list[dict] = field(default_factory=list)
+    typed: dict[str, list[dict]] = field(default_factory=dict)
+    dimensions: dict[str, dict[str, dict]] = field(default_factory=dict)  # table -> id -> row
+    mismatches: Counter = field(default_factory=Counter)  # event type -> payloads that did not fit
+
+
+def normalise(events: list[dict], source: str, ingested_at: datetime) -> Batch:
+    batch = Batch(typed={t.name: [] for t in TYPED_TABLES}, dimensions={t.name: {} for t in DIMENSIONS})
+    for event in events:
+        _add_event(batch, event, source, ingested_at)
+    return batch
+
+
+def _add_event(batch: Batch, event: dict, source: str, ingested_at: datetime) -> None:
+    at = to_datetime(event["effective_at"])
+    payload = event.get(event["type"])
+    project = event.get("project") if isinstance(event.get("project"), dict) else {}
+    row = {
+        "id": event["id"],
+        "type": event["type"],
+        "effective_at": at,
+        "source": source,
+        "project_id": _str(project.get("id")),
+        "project_name": _str(project.get("name")),
+        "resource_id": _str(payload.get("id")) if isinstance(payload, dict) else None,
+        "payload": None if payload is None else dumps(payload),
+        "raw": dumps(event),
+        "ingested_at": ingested_at,
+    }
+    row.update(_actor_columns(event.get("actor")))
+    batch.events.append(row)
+
+    seen = batch.dimensions
+    if row["project_id"]:
+        _see(seen["projects"], row["project_id"], at, name=row["project_name"])
+    if row["actor_user_id"]:
+        _see(seen["users"], row["actor_user_id"], at, email=row["actor_email"])
+    if row["actor_service_account_id"]:
+        _see(seen["service_accounts"], row["actor_service_account_id"], at)
+    if row["actor_api_key_id"]:
+        owner = "service_account" if row["actor_service_account_id"] else ("user" if row["actor_user_id"] else None)
+        _see(seen["api_keys"], row["actor_api_key_id"], at, owner_type=owner, user_id=row["actor_user_id"],
+             service_account_id=row["actor_service_account_id"])  # fmt: skip
+
+    family = FAMILY_OF_TYPE.get(event["type"])
+    if family is not None and typed_rows(batch.typed, family, event["id"], payload):
+        batch.mismatches[event["type"]] += 1
+
+
+def _actor_columns(actor: Any) -> dict:
+    cols = dict.fromkeys(
+        ("actor_type", "actor_user_id", "actor_email", "actor_api_key_id", "actor_service_account_id",
+         "ip_address", "user_agent", "ja3", "ja4", "ip_country", "ip_region", "ip_region_code", "ip_city",
+         "ip_asn", "ip_latitude", "ip_longitude"),
+    )  # fmt: skip
+    if not isinstance(actor, dict):
+        return cols
+    cols["actor_type"] = _str(actor.get("type"))
+    session, key = _obj(actor.get("session")), _obj(actor.get("api_key"))
+    user = _obj(session.get("user")) or _obj(key.get("user"))
+    cols["actor_user_id"], cols["actor_email"] = _str(user.get("id")), _str(user.get("email"))
+    cols["actor_api_key_id"] = _str(key.get("id"))
+    cols["actor_service_account_id"] = _str(_obj(key.get("service_account")).get("id"))
+    for name in ("ip_address", "user_agent", "ja3", "ja4"):
+        cols[name] = _str(session.get(name))
+    details = _obj(session.get("ip_address_details"))
+    for name in ("country", "region", "region_code", "city", "asn"):
+        cols[f"ip_{name}"] = _str(details.get(name))
+    cols["ip_latitude"], cols["ip_longitude"] = _float(details.get("latitude")), _float(details.get("longitude"))
+    return cols
+
+
+def _see(rows: dict[str, dict], key: str, at: datetime, **attrs: Any) -> None:
+    row = rows.get(key)
+    if row is None:
+        rows[key] = {"id": key, "first_seen": at, "last_seen": at, **attrs}
+        return
+    row["first_seen"] = min(row["first_seen"], at)
+    if at >= row["last_seen"]:
+        row["last_seen"] = at
+        row.update((k, v) for k, v in attrs.items() if v is not None)
+
+
+def typed_rows(typed: dict[str, list[dict]], family: Family, event_id: str, payload: Any) -> bool:
+    """Appends what fits to `typed`; returns True when the payload did not fit its declaration (never raises)."""
+    if not isinstance(payload, dict):
+        typed[family.table].append({"event_id": event_id})
+        return payload is not None
+    scopes = [payload] + [
+        payload[k] for k in ("data", "changes_requested") if isinstance(payload.get(k), dict) and not _declared(family, k)
+    ]
+    mismatch = False
+    row = {"event_id": event_id}
+    for col in family.columns:
+        row[col.name], bad = _convert(_lookup(scopes, col.field), col.type)
+        mismatch |= bad
+    typed[family.table].append(row)
+    for lst in family.lists:
+        items = _lookup(scopes, lst.field)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            mismatch = True
+            continue
+        for position, item in enumerate(items):
+            child = {"event_id": event_id, "position": position}
+            if lst.value:
+                child[lst.value], bad = _convert(item, "str")
+            elif isinstance(item, dict):
+                bad = False
+                for col in lst.columns:
+                    child[col.name], b = _convert(item.get(col.field), col.type)
+                    bad |= b
+                bad |= bool(item.keys() - {c.field for c in lst.columns})
+            else:
+                bad = True
+            mismatch |= bad
+            typed[lst.table].append(child)
+    known = {c.field for c in family.columns} | {lst.field for lst in family.lists} | {"data", "changes_requested"}
+    return mismatch or any(k not in known for scope in scopes for k in scope)
+
+
+def _declared(family: Family, name: str) -> bool:
+    return any(c.field == name and c.type == "json" for c in family.columns)
+
+
+def _lookup(scopes: list[dict], name: str) -> Any:
+    for scope in scopes:
+        if name in scope:
+            return scope[name]
+    return None
+
+
+def _convert(value: Any, kind: str) -> tuple[Any, bool]:
+    """(stored value, mismatch). Absent is not a mismatch: the spec makes every payload field optional."""
+    if value is None:
+        return None, False
+    if kind == "json":
+        return dumps(value), False
+    ok = {
+        "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63,
+        "bool": isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+    }[kind]
+    return (value, False) if ok else (None, True)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _obj(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,92 @@
+"""What `status` and `demo` show: plain rows read from the warehouse, rendered by the CLI."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from ingest import model
+from ingest.config import Settings
+from ingest.store import Warehouse, now
+
+
+def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
+    """One row per source (configured or found in the warehouse)."""
+    warehouse.ensure_schema()
+    ev, runs, state = model.audit_events, model.sync_runs, model.sync_state
+    with warehouse.connect() as conn:
+        stored = {
+            r.source: r
+            for r in conn.execute(
+                sa.select(ev.c.source, sa.func.count().label("n"), sa.func.max(ev.c.effective_at).label("newest"))
+                .group_by(ev.c.source)
+            )
+        }
+        states = {r.key: r for r in conn.execute(sa.select(state).where(state.c.kind == "incremental"))}
+        last = {}
+        for status in ("ok", "failed"):
+            q = (
+                sa.select(runs.c.source, sa.func.max(runs.c.finished_at).label("at"))
+                .where(runs.c.status == status)
+                .group_by(runs.c.source)
+            )
+            last[status] = {r.source: r.at for r in conn.execute(q)}
+        errors = {
+            r.source: r.error
+            for r in conn.execute(
+                sa.select(runs.c.source, runs.c.error, runs.c.finished_at)
+                .where(runs.c.status == "failed")
+                .order_by(runs.c.finished_at)
+            )
+        }
+    names = [s.name for s in settings.sources] + sorted((stored.keys() | states.keys()) - {s.name for s in settings.sources})
+    rows, current = [], now()
+    for name in names:
+        st, ev_row = states.get(name), stored.get(name)
+        newest = ev_row.newest if ev_row else None
+        lag = (current - newest).total_seconds() if newest else None
+        warning = ""
+        if lag is not None and lag > 0.8 * settings.retention:
+            warning = "lag near the API's retention: older events will be lost"
+        rows.append(
+            {
+                "source": name,
+                "checkpoint": _when(st.checkpoint) if st and st.checkpoint else "never synced",
+                "sweep": "in progress" if st and st.sweep_lte is not None else "",
+                "events": f"{ev_row.n:,}" if ev_row else "0",
+                "newest event": newest.isoformat(sep=" ") if newest else "",
+                "lag": _age(lag) if lag is not None else "",
+                "last success": _stamp(last["ok"].get(name)),
+                "last failure": _stamp(last["failed"].get(name)) + (f" ({errors[name][:80]})" if name in errors and last["failed"].get(name) else ""),
+                "warning": warning,
+            }
+        )
+    return rows
+
+
+def demo_summary(warehouse: Warehouse) -> list[tuple[str, list[dict]]]:
+    ev = model.audit_events
+    with warehouse.connect() as conn:
+        counts = []
+        for table in (ev, *model.DIMENSIONS, *(t for t in model.TYPED_TABLES if t.name.endswith("_events"))):
+            counts.append({"table": table.name, "rows": f"{conn.execute(sa.select(sa.func.count()).select_from(table)).scalar():,}"})
+        top = conn.execute(
+            sa.select(ev.c.type, sa.func.count().label("events")).group_by(ev.c.type).order_by(sa.desc("events"), ev.c.type).limit(8)
+        ).all()
+    return [("tables", counts), ("top event types", [{"type": t, "events": n} for t, n in top])]
+
+
+def _when(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _stamp(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
