@@ -53,6 +53,7 @@ class Query:
     lte: int | None = None
     event_types: tuple[str, ...] = ()
     project_ids: tuple[str, ...] = ()
+    tenant_only: bool = False
 
     def params(self, after: str | None) -> list[tuple[str, str | int]]:
         params: list[tuple[str, str | int]] = [("limit", PAGE_SIZE)]
@@ -62,6 +63,8 @@ class Query:
             params.append(("effective_at[lte]", self.lte))
         params += [("event_types[]", t) for t in self.event_types]
         params += [("project_ids[]", p) for p in self.project_ids]
+        if self.tenant_only:
+            params.append(("tenant_only", "true"))
         if after:
             params.append(("after", after))
         return params
@@ -271,7 +274,8 @@ def _permanent_error(response: httpx.Response, after: str | None) -> IngestError
     if status == 403:
         return NotEnabledError(
             "the API refused access (403): enable audit logging in the organization's settings "
-            "(Data controls) and use an admin key with the api.audit_logs.read scope" + (f" [{detail}]" if detail else "")
+            "(Data controls) and use an admin key with the api.audit_logs.read scope"
+            + (f" [{detail}]" if detail else "")
         )
     if status in (400, 404) and after:
         return CursorRejected(f"the API rejected the cursor {after!r} ({status}: {detail})", status)

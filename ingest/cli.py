@@ -166,6 +166,13 @@ def rebuild_typed(ctx: click.Context) -> None:
 
 # ------------------------------------------------------------------------------------------ output
 def _print_table(rows: list[dict], title: str) -> None:
+    """A table on a terminal; tab-separated values with a header line for pipes and scripts."""
+    if not sys.stdout.isatty():
+        if rows:
+            click.echo("\t".join(rows[0]))
+        for row in rows:
+            click.echo("\t".join("" if v is None else str(v) for v in row.values()))
+        return
     from rich.console import Console
     from rich.table import Table
 
@@ -247,9 +254,13 @@ class _JsonFormatter(logging.Formatter):
 def _setup_logging(settings, debug: bool, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        _JsonFormatter() if log_format == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _JsonFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
-    handler.addFilter(_Redact([os.environ.get(s.key_env, "") for s in settings.sources] + [os.environ.get("OPENAI_ADMIN_KEY", "")]))
+    handler.addFilter(
+        _Redact([os.environ.get(s.key_env, "") for s in settings.sources] + [os.environ.get("OPENAI_ADMIN_KEY", "")])
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     level = logging.DEBUG if debug else getattr(logging, settings.log_level)

@@ -70,6 +70,9 @@ class Source(BaseModel):
     key_env: str = "OPENAI_ADMIN_KEY"
     event_types: tuple[str, ...] = ()
     project_ids: tuple[str, ...] = ()
+    # Also sweep with tenant_only=true: the API returns tenant-scoped events (tenant.*,
+    # role.bound_to_resource, ...) only to such requests.
+    tenant_events: bool = True
 
     def admin_key(self) -> str:
         key = os.environ.get(self.key_env, "").strip()

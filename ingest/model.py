@@ -282,6 +282,15 @@ OPAQUE_TYPES = frozenset(
 
 FAMILY_OF_TYPE = {t: f for f in FAMILIES for t in f.types}
 
+# The API returns tenant-scoped events only to `tenant_only=true` requests, and only those there;
+# a complete copy therefore sweeps both ways (sync.STREAMS).
+TENANT_SCOPED_TYPES = frozenset({"role.bound_to_resource", "role.unbound_from_resource"})
+
+
+def is_tenant_scoped(event_type: str) -> bool:
+    return event_type.startswith("tenant.") or event_type in TENANT_SCOPED_TYPES
+
+
 # ---------------------------------------------------------------------------------------------- tables
 metadata = sa.MetaData()
 
@@ -394,7 +403,11 @@ def _family_tables(family: Family) -> list[sa.Table]:
         )
     ]  # fmt: skip
     for lst in family.lists:
-        cols = [sa.Column(lst.value, sa.Text)] if lst.value else [sa.Column(c.name, SQL_TYPES[c.type]) for c in lst.columns]
+        cols = (
+            [sa.Column(lst.value, sa.Text)]
+            if lst.value
+            else [sa.Column(c.name, SQL_TYPES[c.type]) for c in lst.columns]
+        )
         tables.append(
             sa.Table(
                 lst.table, metadata, event_id(),
@@ -514,7 +527,9 @@ def typed_rows(typed: dict[str, list[dict]], family: Family, event_id: str, payl
         typed[family.table].append({"event_id": event_id})
         return payload is not None
     scopes = [payload] + [
-        payload[k] for k in ("data", "changes_requested") if isinstance(payload.get(k), dict) and not _declared(family, k)
+        payload[k]
+        for k in ("data", "changes_requested")
+        if isinstance(payload.get(k), dict) and not _declared(family, k)
     ]
     mismatch = False
     row = {"event_id": event_id}

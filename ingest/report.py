@@ -19,8 +19,9 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
         stored = {
             r.source: r
             for r in conn.execute(
-                sa.select(ev.c.source, sa.func.count().label("n"), sa.func.max(ev.c.effective_at).label("newest"))
-                .group_by(ev.c.source)
+                sa.select(
+                    ev.c.source, sa.func.count().label("n"), sa.func.max(ev.c.effective_at).label("newest")
+                ).group_by(ev.c.source)
             )
         }
         states = {r.key: r for r in conn.execute(sa.select(state).where(state.c.kind == "incremental"))}
@@ -40,7 +41,9 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
                 .order_by(runs.c.finished_at)
             )
         }
-    names = [s.name for s in settings.sources] + sorted((stored.keys() | states.keys()) - {s.name for s in settings.sources})
+    names = [s.name for s in settings.sources] + sorted(
+        (stored.keys() | states.keys()) - {s.name for s in settings.sources}
+    )
     rows, current = [], now()
     for name in names:
         st, ev_row = states.get(name), stored.get(name)
@@ -58,7 +61,8 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
                 "newest event": newest.isoformat(sep=" ") if newest else "",
                 "lag": _age(lag) if lag is not None else "",
                 "last success": _stamp(last["ok"].get(name)),
-                "last failure": _stamp(last["failed"].get(name)) + (f" ({errors[name][:80]})" if name in errors and last["failed"].get(name) else ""),
+                "last failure": _stamp(last["failed"].get(name))
+                + (f" ({errors[name][:80]})" if name in errors and last["failed"].get(name) else ""),
                 "warning": warning,
             }
         )
@@ -70,9 +74,17 @@ def demo_summary(warehouse: Warehouse) -> list[tuple[str, list[dict]]]:
     with warehouse.connect() as conn:
         counts = []
         for table in (ev, *model.DIMENSIONS, *(t for t in model.TYPED_TABLES if t.name.endswith("_events"))):
-            counts.append({"table": table.name, "rows": f"{conn.execute(sa.select(sa.func.count()).select_from(table)).scalar():,}"})
+            counts.append(
+                {
+                    "table": table.name,
+                    "rows": f"{conn.execute(sa.select(sa.func.count()).select_from(table)).scalar():,}",
+                }
+            )
         top = conn.execute(
-            sa.select(ev.c.type, sa.func.count().label("events")).group_by(ev.c.type).order_by(sa.desc("events"), ev.c.type).limit(8)
+            sa.select(ev.c.type, sa.func.count().label("events"))
+            .group_by(ev.c.type)
+            .order_by(sa.desc("events"), ev.c.type)
+            .limit(8)
         ).all()
     return [("tables", counts), ("top event types", [{"type": t, "events": n} for t, n in top])]
 

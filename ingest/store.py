@@ -26,7 +26,13 @@ log = logging.getLogger("ingest.store")
 MIGRATIONS = next(
     p for p in (Path(__file__).parent / "migrations", Path(__file__).parent.parent / "migrations") if p.is_dir()
 )
-_ARROW_TYPES = {sa.Text: "string", sa.BigInteger: "int64", sa.Integer: "int32", sa.Boolean: "bool_", sa.Float: "float64"}
+_ARROW_TYPES = {
+    sa.Text: "string",
+    sa.BigInteger: "int64",
+    sa.Integer: "int32",
+    sa.Boolean: "bool_",
+    sa.Float: "float64",
+}
 
 
 def now() -> datetime:
@@ -53,7 +59,9 @@ class Warehouse:
         try:
             self.engine = sa.create_engine(url_obj, **kwargs)
         except (sa.exc.ArgumentError, ImportError, sa.exc.NoSuchModuleError) as exc:
-            raise DatabaseError(f"unsupported database URL {url_obj.render_as_string(hide_password=True)}: {exc}") from None
+            raise DatabaseError(
+                f"unsupported database URL {url_obj.render_as_string(hide_password=True)}: {exc}"
+            ) from None
 
     @contextmanager
     def connect(self) -> Iterator[sa.Connection]:
@@ -154,7 +162,11 @@ def insert_rows(
         params = None
     else:
         stmt, params = pg_insert(table), rows
-    stmt = stmt.on_conflict_do_update(index_elements=[c.name for c in table.primary_key], set_=update(stmt.excluded)) if update else stmt.on_conflict_do_nothing()
+    stmt = (
+        stmt.on_conflict_do_update(index_elements=[c.name for c in table.primary_key], set_=update(stmt.excluded))
+        if update
+        else stmt.on_conflict_do_nothing()
+    )
     if returning:
         stmt = stmt.returning(table.c[returning])
     try:

@@ -9,6 +9,7 @@ The engine names no event type: `model.normalise` turns events into rows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -27,10 +28,12 @@ from ingest.errors import IngestError
 
 log = logging.getLogger("ingest.sync")
 
-# Pages are committed together while more are already downloaded (fast API), up to this many events;
-# when the next page is not ready yet, what we have is committed at once.
-BATCH_EVENTS = 2000
-PREFETCH_PAGES = 4
+# Pages are committed together, up to this many events or this many seconds after the batch's first
+# page: a DuckDB commit costs tens of milliseconds, a page of the real API a few hundred. A kill loses at
+# most the uncommitted batch, which the rerun fetches again.
+BATCH_EVENTS = 5000
+BATCH_SECONDS = 1.0
+PREFETCH_PAGES = 8
 
 
 @dataclass
@@ -108,6 +111,20 @@ def client_for(settings: Settings, source: Source, stop: threading.Event | None 
     )
 
 
+def streams(source: Source) -> list[tuple[str, Query]]:
+    """(state key, filters) of each sweep a complete copy of the source needs: the API serves
+    tenant-scoped events only to `tenant_only=true` requests, and only those there."""
+    result = []
+    for suffix, tenant in (("", False), ("#tenant", True)):
+        types = tuple(t for t in source.event_types if model.is_tenant_scoped(t) == tenant)
+        if (tenant and not source.tenant_events) or (source.event_types and not types):
+            continue
+        result.append(
+            (source.name + suffix, Query(event_types=types, project_ids=source.project_ids, tenant_only=tenant))
+        )
+    return result
+
+
 def sync_source(
     warehouse: store.Warehouse,
     client: Client,
@@ -117,28 +134,32 @@ def sync_source(
     stop: threading.Event | None = None,
     on_progress: Progress | None = None,
 ) -> RunSummary:
-    """The incremental sync of one source: resume the unfinished sweep, or start one from the checkpoint."""
+    """The incremental sync of one source: per stream, resume the unfinished sweep or start one from the checkpoint."""
     summary = RunSummary(source.name)
     with warehouse.connect() as conn, _recorded(conn, summary, client):
-        with conn.begin():
-            state = store.load_state(conn, source.name) or {
-                "key": source.name, "source": source.name, "kind": "incremental", "checkpoint": None,
-                "sweep_gte": None, "sweep_lte": None, "sweep_cursor": None,
-            }  # fmt: skip
-            if state["sweep_lte"] is None:
-                checkpoint = state["checkpoint"]
-                if checkpoint is not None:
-                    state["sweep_gte"] = checkpoint - int(settings.lookback)
-                elif settings.start is not None:
-                    state["sweep_gte"] = int(settings.start.timestamp())
-                state["sweep_lte"] = int(time.time())
-                store.save_state(conn, state)
-            else:
-                log.info("%s: resuming the unfinished sweep at cursor %s", source.name, state["sweep_cursor"])
-        sweep(conn, client, state, source, summary, stop=stop, on_progress=on_progress)
-        with conn.begin():
-            state.update(checkpoint=state["sweep_lte"], sweep_gte=None, sweep_lte=None, sweep_cursor=None)
-            store.save_state(conn, state)
+        for key, filters in streams(source):
+            resumed = True
+            while resumed:  # a resumed sweep ends at its old bound: then sweep again up to now
+                with conn.begin():
+                    state = store.load_state(conn, key) or {
+                        "key": key, "source": source.name, "kind": "incremental", "checkpoint": None,
+                        "sweep_gte": None, "sweep_lte": None, "sweep_cursor": None,
+                    }  # fmt: skip
+                    resumed = state["sweep_lte"] is not None
+                    if resumed:
+                        log.info("%s: resuming the unfinished sweep at cursor %s", key, state["sweep_cursor"])
+                    else:
+                        checkpoint = state["checkpoint"]
+                        if checkpoint is not None:
+                            state["sweep_gte"] = checkpoint - int(settings.lookback)
+                        elif settings.start is not None:
+                            state["sweep_gte"] = int(settings.start.timestamp())
+                        state["sweep_lte"] = int(time.time())
+                        store.save_state(conn, state)
+                sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress)
+                with conn.begin():
+                    state.update(checkpoint=state["sweep_lte"], sweep_gte=None, sweep_lte=None, sweep_cursor=None)
+                    store.save_state(conn, state)
     return summary
 
 
@@ -146,20 +167,20 @@ def sweep(
     conn: sa.Connection,
     client: Client,
     state: dict,
-    source: Source,
+    filters: Query,
     summary: RunSummary,
     *,
     stop: threading.Event | None = None,
     on_progress: Progress | None = None,
 ) -> None:
     """Fetches the window in `state` from its cursor to the end, committing batches with the cursor."""
-    query = Query(state["sweep_gte"], state["sweep_lte"], source.event_types, source.project_ids)
+    query = dataclasses.replace(filters, gte=state["sweep_gte"], lte=state["sweep_lte"])
     summary.window = (state["sweep_gte"], state["sweep_lte"])
     stop = stop or threading.Event()
     while True:
         try:
             for pages in _batches(_prefetch(fetch_pages(client, query, state["sweep_cursor"]))):
-                _save(conn, state, pages, source, summary)
+                _save(conn, state, pages, summary)
                 if on_progress:
                     on_progress(summary)
                 if stop.is_set():
@@ -169,18 +190,18 @@ def sweep(
             if state["sweep_cursor"] is None:
                 raise
             # Its event may have expired; the sweep restarts from the top, and insert-if-absent makes that harmless.
-            log.warning("%s: %s; restarting the sweep from its top", source.name, exc)
+            log.warning("%s: %s; restarting the sweep from its top", state["key"], exc)
             state["sweep_cursor"] = None
 
 
-def _save(conn: sa.Connection, state: dict, pages: list[Page], source: Source, summary: RunSummary) -> None:
+def _save(conn: sa.Connection, state: dict, pages: list[Page], summary: RunSummary) -> None:
     events = [e for p in pages for e in p.events]
     rejected = [r for p in pages for r in p.rejected]
-    batch = model.normalise(events, source.name, store.now())
+    batch = model.normalise(events, state["source"], store.now())
     with conn.begin():
         new = store.save_batch(conn, batch)
         if rejected:
-            store.save_rejected(conn, source.name, rejected)
+            store.save_rejected(conn, state["source"], rejected)
         state["sweep_cursor"] = pages[-1].last_id
         store.save_state(conn, state)
     summary.pages += len(pages)
@@ -199,21 +220,23 @@ def _save(conn: sa.Connection, state: dict, pages: list[Page], source: Source, s
 _mismatch_logged: set[str] = set()  # once per type per process
 
 
-def _batches(pages: Iterator[tuple[Page, bool]]) -> Iterator[list[Page]]:
+def _batches(pages: Iterator[Page]) -> Iterator[list[Page]]:
     group: list[Page] = []
-    size = 0
-    for page, more_ready in pages:
+    size, since = 0, 0.0
+    for page in pages:
+        if not group:
+            since = time.monotonic()
         group.append(page)
         size += len(page.events)
-        if size >= BATCH_EVENTS or not more_ready:
+        if size >= BATCH_EVENTS or time.monotonic() - since >= BATCH_SECONDS:
             yield group
             group, size = [], 0
     if group:
         yield group
 
 
-def _prefetch(pages: Iterator[Page], depth: int = PREFETCH_PAGES) -> Iterator[tuple[Page, bool]]:
-    """Downloads ahead in a thread while the caller writes; yields (page, whether another is ready)."""
+def _prefetch(pages: Iterator[Page], depth: int = PREFETCH_PAGES) -> Iterator[Page]:
+    """Downloads ahead in a thread while the caller writes."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     cancelled = threading.Event()
     end = object()
@@ -241,7 +264,7 @@ def _prefetch(pages: Iterator[Page], depth: int = PREFETCH_PAGES) -> Iterator[tu
         while (item := slots.get()) is not end:
             if isinstance(item, BaseException):
                 raise item
-            yield item, not slots.empty()
+            yield item
     finally:
         cancelled.set()
 
@@ -259,12 +282,18 @@ class _recorded:
             # A run killed before it could record its end stays 'running' forever otherwise.
             self.conn.execute(
                 runs.update()
-                .where(runs.c.source == self.summary.source, runs.c.kind == self.summary.kind, runs.c.status == "running")
+                .where(
+                    runs.c.source == self.summary.source, runs.c.kind == self.summary.kind, runs.c.status == "running"
+                )
                 .values(status="abandoned")
             )
             self.conn.execute(
                 runs.insert().values(
-                    id=self.id, source=self.summary.source, kind=self.summary.kind, started_at=store.now(), status="running"
+                    id=self.id,
+                    source=self.summary.source,
+                    kind=self.summary.kind,
+                    started_at=store.now(),
+                    status="running",
                 )
             )
 
@@ -276,7 +305,9 @@ class _recorded:
             self.client.stats.retries,
             self.client.stats.rate_limit_wait,
         )
-        s.status = "ok" if exc is None else ("interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed")
+        s.status = (
+            "ok" if exc is None else ("interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed")
+        )
         s.error = None if exc is None else str(exc)[:1000]
         if self.conn.in_transaction():
             self.conn.rollback()

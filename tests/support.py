@@ -1,0 +1,54 @@
+"""Helpers shared by the tests: settings pointing at a simulator, and reading the warehouse back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from ingest.config import load_settings
+from ingest.store import Warehouse
+
+KEY = "sk-admin-test"
+
+
+def settings_for(server, database_url: str, **overrides):
+    """Settings for a test: the simulator's URL, fast retries, the given warehouse."""
+    values = {"base_url": server.url, "database_url": database_url, "retry_base_delay": 0.01, "retry_max_delay": 0.2}
+    values.update(overrides)
+    return load_settings(None, **values)
+
+
+def stored_events(database_url: str, schema: str | None = None) -> dict[str, dict]:
+    """id -> raw event, read back from the warehouse."""
+    warehouse = Warehouse(database_url, schema)
+    try:
+        with warehouse.connect() as conn:
+            rows = conn.execute(sa.text("SELECT id, raw FROM audit_events")).all()
+    finally:
+        warehouse.dispose()
+    return {row.id: row.raw if isinstance(row.raw, dict) else json.loads(row.raw) for row in rows}
+
+
+def scalar(database_url: str, sql: str, schema: str | None = None):
+    warehouse = Warehouse(database_url, schema)
+    try:
+        with warehouse.connect() as conn:
+            return conn.execute(sa.text(sql)).scalar()
+    finally:
+        warehouse.dispose()
+
+
+def cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Runs `audit-ingest` in a subprocess, as a user or a scheduler would."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_INGEST_", "OPENAI_"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "ingest", *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

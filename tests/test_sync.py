@@ -1,0 +1,171 @@
+"""The core promise: every event once, `raw` as served, whatever happens between and during runs."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from support import KEY, cli, scalar, settings_for, stored_events
+
+from ingest.model import is_tenant_scoped
+from ingest.store import Warehouse
+from ingest.sync import run_sources
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
+
+
+def sync(server, url, **overrides):
+    settings = settings_for(server, url, **overrides)
+    warehouse = Warehouse(settings.database_url)
+    try:
+        return run_sources(settings, warehouse, settings.sources)
+    finally:
+        warehouse.dispose()
+
+
+def assert_exact(sim, url):
+    stored = stored_events(url)
+    served = {e["id"]: e for e in sim.events}
+    assert set(stored) == set(served)
+    assert stored == served
+    assert scalar(url, "SELECT count(*) FROM audit_events") == len(served)
+
+
+def test_first_run_stores_every_event_once_with_raw_as_served(simulator, db_url, key_env):
+    server = simulator(events=3000, seed=1)
+    [summary] = sync(server, db_url)
+    assert summary.events_new == 3000
+    tenant = sum(is_tenant_scoped(e["type"]) for e in server.sim.events)
+    assert summary.pages == math.ceil(tenant / 100) + math.ceil((3000 - tenant) / 100)  # two streams
+    assert_exact(server.sim, db_url)
+    assert scalar(db_url, "SELECT count(*) FROM sync_runs WHERE status = 'ok'") == 1
+
+
+def test_new_and_late_events_between_runs_land_once(simulator, db_url, key_env):
+    server = simulator(events=1500, seed=2)
+    sync(server, db_url)
+    server.sim.append(120)  # new
+    server.sim.append(30, late_by=300)  # late, but within the 15-minute lookback
+    [summary] = sync(server, db_url)
+    assert summary.events_new == 150
+    assert_exact(server.sim, db_url)
+    server.sim.append(7)
+    [summary] = sync(server, db_url)
+    assert summary.events_new == 7
+    assert_exact(server.sim, db_url)
+
+
+def test_run_with_nothing_new_makes_at_most_two_requests(simulator, db_url, key_env):
+    server = simulator(events=10000, seed=3)
+    sync(server, db_url)
+    before = server.sim.requests
+    [summary] = sync(server, db_url)
+    assert summary.events_new == 0
+    assert server.sim.requests - before <= 2
+    assert summary.requests <= 2
+
+
+def test_faults_are_retried_to_an_exact_result(simulator, db_url, key_env):
+    server = simulator(
+        events=4000, seed=4, fault_rate=0.2, faults=("429ms", "500", "502", "503", "504", "reset", "truncated")
+    )
+    [summary] = sync(server, db_url)
+    assert summary.retries > 0
+    assert sum(server.sim.faults_injected.values()) == summary.retries
+    assert_exact(server.sim, db_url)
+
+
+def test_run_killed_mid_sweep_then_rerun_is_exact(simulator, tmp_path, key_env):
+    server = simulator(events=6000, seed=5, latency=0.05)
+    url = f"duckdb:///{tmp_path / 'killed.duckdb'}"
+    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}
+    proc = subprocess.Popen([sys.executable, "-m", "ingest", "run"], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while server.sim.requests < 35 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(stored_events(url))
+    assert 0 < partial < 6000
+    assert scalar(url, "SELECT count(*) FROM sync_state WHERE sweep_lte IS NOT NULL") == 1  # unfinished sweep kept
+    server.sim.append(40)
+    [summary] = sync(server, url)
+    assert summary.events_new == 6040 - partial
+    assert_exact(server.sim, url)
+
+
+def test_wrong_key_fails_after_one_request_with_one_clear_line(simulator, tmp_path):
+    server = simulator(events=100)
+    env = {
+        "OPENAI_ADMIN_KEY": "sk-admin-wrong-key-123456",
+        "OPENAI_BASE_URL": server.url,
+        "AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path / 'w.duckdb'}",
+    }
+    result = cli("run", env=env)
+    assert result.returncode == 3
+    assert server.sim.requests == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [lines[0]] and "401" in lines[0] and "OPENAI_ADMIN_KEY" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "sk-admin-wrong-key-123456" not in result.stderr + result.stdout
+
+
+def test_not_enabled_is_its_own_error(simulator, tmp_path):
+    server = simulator(events=10, audit_logging_enabled=False)
+    env = {
+        "OPENAI_ADMIN_KEY": KEY,
+        "OPENAI_BASE_URL": server.url,
+        "AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path / 'n.duckdb'}",
+    }
+    result = cli("run", env=env)
+    assert result.returncode == 4
+    assert "audit logging" in result.stderr and "api.audit_logs.read" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_key_is_a_config_error_before_any_request(simulator, tmp_path):
+    server = simulator(events=10)
+    result = cli(
+        "run", env={"OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path / 'm.duckdb'}"}
+    )
+    assert result.returncode == 2
+    assert "OPENAI_ADMIN_KEY is not set" in result.stderr
+    assert server.sim.requests == 0
+
+
+def test_cli_run_then_status(simulator, tmp_path):
+    server = simulator(events=500, seed=6)
+    env = {
+        "OPENAI_ADMIN_KEY": KEY,
+        "OPENAI_BASE_URL": server.url,
+        "AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path / 's.duckdb'}",
+    }
+    result = cli("run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "500 new" in result.stdout
+    result = cli("status", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "default" in result.stdout and "500" in result.stdout
+
+
+def test_expired_cursor_restarts_the_sweep_from_its_top(simulator, db_url, key_env):
+    server = simulator(events=800, seed=8)
+    settings = settings_for(server, db_url)
+    warehouse = Warehouse(db_url)
+    warehouse.ensure_schema()
+    with warehouse.connect() as conn, conn.begin():
+        from ingest.store import save_state
+
+        save_state(conn, {"key": "default", "source": "default", "kind": "incremental", "checkpoint": None,
+                          "sweep_gte": None, "sweep_lte": int(time.time()), "sweep_cursor": "audit_log-gone"})  # fmt: skip
+    [summary] = run_sources(settings, warehouse, settings.sources)
+    warehouse.dispose()
+    assert summary.events_new == 800
+    assert_exact(server.sim, db_url)
