@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -122,7 +124,7 @@ class Client:
 
     def get_page(self, query: Query, after: str | None = None) -> Page:
         params = query.params(after)
-        failure = "no attempt made"
+        failure, unusable = "no attempt made", b""
         for attempt in range(self._max_retries + 1):
             self._wait_for_pause()
             with self._lock:
@@ -138,7 +140,7 @@ class Client:
                     try:
                         return parse_page(response.content)
                     except ValueError as exc:
-                        failure = f"unusable response body ({exc})"
+                        failure, unusable = f"unusable response body ({exc})", response.content
                 elif status == 429:
                     failure = "rate limited (429)"
                     delay = _retry_after(response.headers)
@@ -162,7 +164,11 @@ class Client:
                 "wait and run again, or lower the sync frequency"
             )
         if failure.startswith("unusable"):
-            raise BadResponseError(f"the API kept returning an {failure}; retried {self._max_retries} times")
+            raise BadResponseError(
+                f"the API kept returning an {failure}; retried {self._max_retries} times "
+                "(the checkpoint is safe: run again later, and report it if it persists)",
+                body=unusable.decode("utf-8", "replace").replace("\0", "\ufffd"),  # text columns hold no NUL
+            )
         raise ApiUnavailableError(
             f"cannot reach the audit-log API at {self._http.base_url} ({failure}) after {self._max_retries} "
             "retries; check the network and OPENAI_BASE_URL, then run again (the checkpoint is safe)"
@@ -192,33 +198,55 @@ def fetch_pages(client: Client, query: Query, after: str | None = None) -> Itera
 
 
 def parse_page(body: bytes) -> Page:
-    """A list response -> Page. Raises ValueError when the body is not a usable page (retried)."""
-    documents = _json_documents(body)
+    """A list response -> Page. Raises ValueError when the body is not a usable page (retried).
+
+    Items that cannot be stored as events go to `Page.rejected`. Of two items with one id the first is
+    kept; a second one that differs is rejected, an identical one dropped.
+    """
+    documents, stdlib = _json_documents(body)
     data: list = []
     for doc in documents:
         if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
             raise ValueError("not a list object with `data`")
         data.extend(doc["data"])
     last_doc = documents[-1]
-    events, rejected = [], []
+    # NUL arrives only as an escape, lone surrogates and overflowing numbers only via the stdlib parser:
+    # only such bodies need the walk through every value.
+    walk = stdlib or b"\\u0000" in body
+    events, rejected, first = [], [], {}
     for item in data:
-        reason = _invalid_event(item)
+        reason = _invalid_event(item) or (_unstorable(item) if walk else None)
+        if not reason and item["id"] in first:
+            if item == first[item["id"]]:
+                continue
+            reason = "duplicate id in the page, with different content (the first one is kept)"
         if reason:
             rejected.append((_dumps(item), reason))
         else:
+            first[item["id"]] = item
             events.append(item)
     last_id = last_doc.get("last_id")
     if not isinstance(last_id, str) or not last_id:
-        last_id = data[-1].get("id") if data and isinstance(data[-1], dict) else None
-    return Page(events, last_id if isinstance(last_id, str) else None, last_doc.get("has_more") is True, rejected)
+        ids = [i["id"] for i in data if isinstance(i, dict) and isinstance(i.get("id"), str) and i["id"]]
+        last_id = ids[-1] if ids else None
+    has_more = last_doc.get("has_more") is True
+    if has_more and last_id is None:
+        raise ValueError("has_more without a cursor")  # stopping here would silently skip the rest
+    return Page(events, last_id, has_more, rejected)
 
 
-def _json_documents(body: bytes) -> list:
-    """One JSON document, or several concatenated (seen in production)."""
-    try:
-        return [orjson.loads(body)]
-    except orjson.JSONDecodeError:
-        pass
+# orjson reads integers beyond 64 bits as floats (silently inexact): bodies with such long digit runs
+# go to the stdlib parser, which keeps them exact.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _json_documents(body: bytes) -> tuple[list, bool]:
+    """One JSON document, or several concatenated (seen in production); and whether the stdlib parsed them."""
+    if not _LONG_NUMBER.search(body):
+        try:
+            return [orjson.loads(body)], False
+        except orjson.JSONDecodeError:
+            pass
     text = body.decode("utf-8", errors="strict") if body else ""
     decoder, docs, pos = json.JSONDecoder(), [], 0
     while pos < len(text):
@@ -230,7 +258,7 @@ def _json_documents(body: bytes) -> list:
         docs.append(doc)
     if not docs:
         raise ValueError("empty body")
-    return docs
+    return docs, True
 
 
 def _invalid_event(item: object) -> str | None:
@@ -243,16 +271,47 @@ def _invalid_event(item: object) -> str | None:
     at = item.get("effective_at")
     if not isinstance(at, int) or isinstance(at, bool):
         return "missing or non-integer effective_at"
-    if not -(2**40) < at < 2**40:
+    if not _EARLIEST <= at <= _LATEST:
         return "effective_at out of range"
     return None
 
 
-def _dumps(value: object) -> str:
+# The Unix seconds a timestamp column holds on both backends (and a Python datetime): years 1 to 9999.
+_EARLIEST, _LATEST = -62_135_596_800, 253_402_300_799
+
+
+def _unstorable(item: dict) -> str | None:
+    """Why an event cannot be stored verbatim on every backend, if it cannot."""
+    stack: list = [item]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if "\0" in value:
+                return "contains a NUL character (\\u0000), which PostgreSQL cannot store"
+            if not value.isascii() and not _encodable(value):
+                return "contains a lone UTF-16 surrogate (not valid Unicode)"
+        elif isinstance(value, float) and not math.isfinite(value):
+            return "contains a number out of range"
+        elif isinstance(value, dict):
+            stack += value.keys()
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+    return None
+
+
+def _encodable(text: str) -> bool:
     try:
-        return orjson.dumps(value).decode()
-    except TypeError:  # integers beyond 64 bits
-        return json.dumps(value, ensure_ascii=False)
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _dumps(value: object) -> str:
+    # The text of a rejected item. Not orjson: it writes infinity as null. The stdlib keeps integers beyond
+    # 64 bits, escapes lone surrogates, writes an overflowing number as Infinity.
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -26,7 +27,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except IngestError as exc:
             if ctx.obj and ctx.obj.get("debug"):
-                raise
+                import traceback
+
+                traceback.print_exc()  # then the same line and exit code as without --debug
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -89,6 +92,108 @@ def status(ctx: click.Context) -> None:
     settings = _settings(ctx)
     rows = status_rows(_warehouse(settings), settings)
     _print_table(rows, title="audit-ingest status")
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from ingest.config import parse_duration
+
+    try:
+        return None if value is None else parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"bad --{param.name.replace('_', '-')}: {exc}") from None
+
+
+def _time(ctx: click.Context, param: click.Parameter, value: str | None):
+    from ingest.config import parse_time
+
+    try:
+        return None if value is None else parse_time(value)
+    except ValueError as exc:
+        raise ConfigError(f"bad --{param.name}: {exc}") from None
+
+
+@cli.command()
+@click.option("--interval", callback=_duration, help="Time between runs: 30s, 5m, 1h.  [default: 5m]")
+@click.option("--cron", help='Instead of --interval: a five-field cron line, in UTC (e.g. "*/5 * * * *").')
+@click.option("--source", "source_name", help="Only this configured source.")
+@click.option("--metrics-port", type=int, help="Serve Prometheus metrics at http://ADDR:PORT/metrics.")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="Address the metrics server binds.")
+@click.pass_context
+def daemon(ctx: click.Context, interval, cron, source_name, metrics_port, metrics_addr) -> None:
+    """Sync every source now, then on the schedule, until SIGTERM or Ctrl-C (exit 0)."""
+    from ingest.schedule import run_daemon
+
+    settings = _settings(ctx)
+    run_daemon(settings, settings.source(source_name), interval=interval, cron=cron, progress=_progress,
+               metrics_port=metrics_port, metrics_addr=metrics_addr)  # fmt: skip
+
+
+@cli.command()
+@click.option(
+    "--since", required=True, callback=_time, help="Start, inclusive: ISO-8601 date or datetime, UTC unless zoned."
+)
+@click.option("--until", callback=_time,
+              help="End, exclusive. Default: the end of the unfinished backfill from --since, else now.")  # fmt: skip
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Time slices of the window fetched concurrently.")  # fmt: skip
+@click.option("--source", "source_name", help="Only this configured source.")
+@click.pass_context
+def backfill(ctx: click.Context, since, until, workers: int, source_name: str | None) -> None:
+    """Load the window [since, until); rerun the same command to resume a killed backfill."""
+    from ingest.sync import backfill as run_backfill
+
+    settings = _settings(ctx)
+    sources = settings.source(source_name)
+    for source in sources:
+        source.admin_key()
+    with _progress() as on_progress:
+        summaries = run_backfill(settings, _warehouse(settings), sources, since, until, workers=workers,
+                                 on_progress=on_progress)  # fmt: skip
+    for summary in summaries:
+        click.echo(summary.line())
+
+
+@cli.command()
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="table: drawn on a terminal, tab-separated in a pipe.")  # fmt: skip
+@click.option("--wait", default="10s", show_default=True, callback=_duration,
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def query(ctx: click.Context, sql: str, fmt: str, wait: float) -> None:
+    """Run read-only SQL on the warehouse, e.g. "select type, count(*) from audit_events group by 1"."""
+    from ingest.export import reader, run_query, text, write_result
+
+    settings = _settings(ctx)
+    with reader(settings, wait) as conn:
+        columns, rows = run_query(conn, sql, settings.db_schema)
+    if fmt == "table":
+        _print_table([dict(zip(columns, map(text, row), strict=True)) for row in rows], title=f"{len(rows):,} rows")
+    else:
+        write_result(columns, rows, fmt, sys.stdout)
+
+
+@cli.command()
+@click.option(
+    "--since", required=True, callback=_time, help="Start, inclusive: ISO-8601 date or datetime, UTC unless zoned."
+)
+@click.option("--until", callback=_time, help="End, exclusive.  [default: now]")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "csv"]), default="parquet", show_default=True,
+              help="parquet and csv: the audit_events columns; jsonl: each event's JSON as served.")  # fmt: skip
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The file to write.")
+@click.option("--wait", default="10s", show_default=True, callback=_duration,
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def export(ctx: click.Context, since, until, fmt: str, output: Path, wait: float) -> None:
+    """Write the events of [since, until) to a file, oldest first."""
+    from datetime import UTC, datetime
+
+    from ingest.export import export_events, reader
+
+    settings = _settings(ctx)
+    with reader(settings, wait) as conn:
+        count = export_events(conn, settings.db_schema, since, until or datetime.now(UTC), fmt, output)
+    click.echo(f"wrote {count:,} events to {output}")
 
 
 @cli.command()
@@ -189,35 +294,42 @@ def _print_table(rows: list[dict], title: str) -> None:
 
 
 class _progress:
-    """A rich progress bar on a terminal; nothing otherwise (the log lines say enough)."""
+    """Progress of a run: a rich bar on a terminal (pages, events, events/s, ETA when the window is known),
+    otherwise a log line per source every LOG_EVERY seconds (cron mail, journald, log shippers)."""
+
+    LOG_EVERY = 10.0
 
     def __enter__(self):
-        if not sys.stderr.isatty():
-            return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        self.bar, self.tasks, self.logged = None, {}, {}
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
-        )  # fmt: skip
-        self.bar.start()
-        self.tasks: dict[str, int] = {}
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+            )  # fmt: skip
+            self.bar.start()
         return self.update
 
     def update(self, s) -> None:
+        covered = s.progress()
+        rate = s.events_seen / max(1e-6, time.monotonic() - s.started)
+        stats = f"{s.pages:,} pages  {s.events_seen:,} events  {rate:,.0f}/s"
+        if self.bar is None:
+            now = time.monotonic()
+            if now - self.logged.get(s.source, s.started) >= self.LOG_EVERY:
+                self.logged[s.source] = now
+                share = f", {100 * covered[0] / max(1, covered[1]):.0f}% of the window" if covered else ""
+                log.info("%s: %s %s%s", s.source, s.kind, stats.replace("  ", ", "), share)
+            return
         task = self.tasks.get(s.source)
         if task is None:
             task = self.tasks[s.source] = self.bar.add_task(s.source, total=None, stats="")
-        gte, lte = s.window
-        total = completed = None
-        if gte is not None and lte is not None and s.oldest_seen is not None and lte > gte:
-            total, completed = lte - gte, min(lte - gte, lte - s.oldest_seen)
-        rate = s.events_seen / max(1e-6, time.monotonic() - s.started)
-        stats = f"{s.pages:,} pages  {s.events_seen:,} events  {rate:,.0f}/s"
-        self.bar.update(task, total=total, completed=completed or 0, stats=stats)
+        done, total = covered or (0, None)
+        self.bar.update(task, total=total, completed=done, stats=stats)
 
     def __exit__(self, *exc) -> None:
-        if sys.stderr.isatty():
+        if self.bar is not None:
             self.bar.stop()
 
 
@@ -266,7 +378,7 @@ def _setup_logging(settings, debug: bool, log_format: str) -> None:
     level = logging.DEBUG if debug else getattr(logging, settings.log_level)
     root.setLevel(level)
     # httpx logs every request and Alembic every plugin at INFO; keep that for DEBUG.
-    for noisy in ("httpx", "alembic"):
+    for noisy in ("httpx", "alembic", "apscheduler"):
         logging.getLogger(noisy).setLevel(level if debug else logging.WARNING)
 
 

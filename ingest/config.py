@@ -105,6 +105,9 @@ class Settings(BaseModel):
     retry_max_delay: float = Field(default=60.0, ge=0)
     # Plain http is only for loopback (the simulator) unless explicitly allowed.
     allow_insecure_http: bool = False
+    # PostgreSQL: one ingester at a time per source (an advisory lock); the others skip it, or wait.
+    source_lock: bool = True
+    lock_wait: bool = False
 
     @field_validator("lookback", "retention", "timeout", "retry_base_delay", "retry_max_delay", mode="before")
     @classmethod

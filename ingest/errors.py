@@ -42,13 +42,16 @@ class ApiUnavailableError(IngestError):
 
 
 class BadResponseError(IngestError):
-    """The API answered something we cannot use (4xx we do not retry, or an unusable body)."""
+    """The API answered something we cannot use (4xx we do not retry, or an unusable body).
+
+    `body` is the unusable body's text, which the sync engine quarantines in `rejected_events`."""
 
     exit_code = 7
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, body: str | None = None):
         super().__init__(message)
         self.status = status
+        self.body = body
 
 
 class DatabaseError(IngestError):

@@ -1,20 +1,24 @@
-"""The warehouse model: tables, and how an event becomes rows.
+"""The warehouse model: tables, and how an event becomes rows (documented in docs/schema.md).
 
 Everything that knows an event type by name is the data in `FAMILIES` (types with a payload schema:
 typed rows) and `OPAQUE_TYPES` (no schema: the `audit_events` row and JSON only). The rest of the
-package is generic. To add a type: declare it here, add an Alembic revision, run
+package is generic. To add a type: declare it here, add an Alembic revision with REBUILD_TYPED, run
 `audit-ingest db upgrade` (which re-derives typed rows of stored events from `raw`).
 
 Lookup rule for a declared field: the payload's own key first, then inside `data`, then inside
 `changes_requested` (the spec and the wire disagree on which of the two some types use), so
 `data`/`changes_requested` fields land flattened in the family table. A column declared with the
-name `data` or `changes_requested` and type `json` takes that object whole (free-form payloads).
+name `data` or `changes_requested` and type `object` takes that object whole (free-form payloads).
+Column names are the spec's field names, except the payload's `id`: `<object>_id`.
+
+A payload that does not fit (a wrong type, an unknown extra field) still lands: the typed row holds
+what fits and NULL elsewhere, and the event counts as a mismatch. An absent field is NULL and not a
+mismatch: the spec makes every payload field optional.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,14 +28,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
 JSON = sa.JSON().with_variant(JSONB(), "postgresql")
-SQL_TYPES = {"str": sa.Text, "int": sa.BigInteger, "bool": sa.Boolean, "float": sa.Float, "json": JSON}
+SQL_TYPES = {"str": sa.Text, "int": sa.BigInteger, "bool": sa.Boolean, "object": JSON}
 
 
 @dataclass(frozen=True)
 class Col:
     name: str  # column name
     field: str  # key in the payload (see the lookup rule above)
-    type: str = "str"  # str | int | bool | float | json
+    type: str = "str"  # str | int | bool | object (a JSON object, stored in a JSON column)
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,15 @@ class Family:
     lists: tuple[ListOf, ...] = ()
 
 
+# The objects whose fields are flattened into the family table (see the lookup rule above).
+WRAPPERS = ("data", "changes_requested")
+
 _SEL = (Col("certificate_id", "id"), Col("name", "name"))  # {id, name} items of activations
 FAMILIES: tuple[Family, ...] = (
     Family(
         "api_key_events",
         ("api_key.created", "api_key.updated", "api_key.deleted"),
-        (Col("key_id", "id"),),
+        (Col("api_key_id", "id"),),
         (ListOf("api_key_event_scopes", "scopes", value="scope"),),
     ),
     Family(
@@ -70,13 +77,13 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "checkpoint_permission_events",
         ("checkpoint.permission.created", "checkpoint.permission.deleted"),
-        (Col("permission_id", "id"), Col("project_id", "project_id"),
+        (Col("checkpoint_permission_id", "id"), Col("project_id", "project_id"),
          Col("fine_tuned_model_checkpoint", "fine_tuned_model_checkpoint")),
     ),
     Family(
         "external_key_events",
         ("external_key.registered", "external_key.removed"),
-        (Col("external_key_id", "id"), Col("data", "data", "json")),
+        (Col("external_key_id", "id"), Col("data", "data", "object")),
     ),
     Family(
         "group_events",
@@ -92,10 +99,10 @@ FAMILIES: tuple[Family, ...] = (
         "ip_allowlist_events",
         ("ip_allowlist.created", "ip_allowlist.updated", "ip_allowlist.deleted",
          "ip_allowlist.config.activated", "ip_allowlist.config.deactivated"),
-        (Col("allowlist_id", "id"), Col("name", "name")),
+        (Col("ip_allowlist_id", "id"), Col("name", "name")),
         (
             ListOf("ip_allowlist_event_ips", "allowed_ips", value="ip"),
-            ListOf("ip_allowlist_event_configs", "configs", columns=(Col("config_id", "id"), Col("name", "name"))),
+            ListOf("ip_allowlist_event_configs", "configs", columns=(Col("ip_allowlist_id", "id"), Col("name", "name"))),
         ),
     ),
     Family(
@@ -130,7 +137,7 @@ FAMILIES: tuple[Family, ...] = (
         ("role.created", "role.updated", "role.deleted"),
         (Col("role_id", "id"), Col("role_name", "role_name"), Col("resource_type", "resource_type"),
          Col("resource_id", "resource_id"), Col("description", "description"),
-         Col("metadata", "metadata", "json")),
+         Col("metadata", "metadata", "object")),
         (
             ListOf("role_event_permissions", "permissions", value="permission"),
             ListOf("role_event_permissions_added", "permissions_added", value="permission"),
@@ -140,7 +147,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "role_assignment_events",
         ("role.assignment.created", "role.assignment.deleted"),
-        (Col("assignment_id", "id"), Col("principal_id", "principal_id"), Col("principal_type", "principal_type"),
+        (Col("role_assignment_id", "id"), Col("principal_id", "principal_id"), Col("principal_type", "principal_type"),
          Col("resource_id", "resource_id"), Col("resource_type", "resource_type")),
     ),
     Family(
@@ -171,8 +178,8 @@ FAMILIES: tuple[Family, ...] = (
         "workload_identity_provider_events",
         ("workload_identity_provider.created", "workload_identity_provider.updated",
          "workload_identity_provider.deleted"),
-        (Col("provider_id", "id"), Col("name", "name"), Col("data", "data", "json"),
-         Col("changes_requested", "changes_requested", "json")),
+        (Col("identity_provider_id", "id"), Col("name", "name"), Col("data", "data", "object"),
+         Col("changes_requested", "changes_requested", "object")),
     ),
     Family(
         "workload_identity_provider_mapping_events",
@@ -180,7 +187,7 @@ FAMILIES: tuple[Family, ...] = (
          "workload_identity_provider_mapping.deleted"),
         (Col("mapping_id", "id"), Col("identity_provider_id", "identity_provider_id"),
          Col("project_id", "project_id"), Col("service_account_id", "service_account_id"),
-         Col("data", "data", "json"), Col("changes_requested", "changes_requested", "json")),
+         Col("data", "data", "object"), Col("changes_requested", "changes_requested", "object")),
     ),
 )  # fmt: skip
 
@@ -324,11 +331,16 @@ audit_events = sa.Table(
     sa.Column("ip_region_code", sa.Text),
     sa.Column("ip_city", sa.Text),
     sa.Column("ip_asn", sa.Text),
-    sa.Column("ip_latitude", sa.Float),
-    sa.Column("ip_longitude", sa.Float),
+    sa.Column("ip_latitude", sa.Double),  # DOUBLE: DuckDB's FLOAT is 32-bit, too coarse for coordinates
+    sa.Column("ip_longitude", sa.Double),
     sa.Column("payload", JSON),  # the object under the key equal to `type`
     sa.Column("raw", JSON, nullable=False),  # the whole event as served
     _ts("ingested_at", nullable=False),
+)
+# PostgreSQL only (migration 0001): DuckDB prunes range scans with zone maps, ART indexes would only slow inserts.
+sa.Index("audit_events_effective_at", audit_events.c.effective_at).ddl_if(dialect="postgresql")
+sa.Index("audit_events_type_effective_at", audit_events.c.type, audit_events.c.effective_at).ddl_if(
+    dialect="postgresql"
 )
 
 users = sa.Table(
@@ -441,13 +453,17 @@ class Batch:
     events: list[dict] = field(default_factory=list)
     typed: dict[str, list[dict]] = field(default_factory=dict)
     dimensions: dict[str, dict[str, dict]] = field(default_factory=dict)  # table -> id -> row
-    mismatches: Counter = field(default_factory=Counter)  # event type -> payloads that did not fit
+    mismatches: dict[str, str] = field(default_factory=dict)  # event id -> type, of payloads that did not fit
 
 
 def normalise(events: list[dict], source: str, ingested_at: datetime) -> Batch:
+    """Rows of `events`; an id seen twice (pages of one batch may repeat an event) keeps its first event."""
     batch = Batch(typed={t.name: [] for t in TYPED_TABLES}, dimensions={t.name: {} for t in DIMENSIONS})
+    seen: set[str] = set()
     for event in events:
-        _add_event(batch, event, source, ingested_at)
+        if event["id"] not in seen:
+            seen.add(event["id"])
+            _add_event(batch, event, source, ingested_at)
     return batch
 
 
@@ -484,7 +500,7 @@ def _add_event(batch: Batch, event: dict, source: str, ingested_at: datetime) ->
 
     family = FAMILY_OF_TYPE.get(event["type"])
     if family is not None and typed_rows(batch.typed, family, event["id"], payload):
-        batch.mismatches[event["type"]] += 1
+        batch.mismatches[event["id"]] = event["type"]
 
 
 def _actor_columns(actor: Any) -> dict:
@@ -523,47 +539,48 @@ def _see(rows: dict[str, dict], key: str, at: datetime, **attrs: Any) -> None:
 
 def typed_rows(typed: dict[str, list[dict]], family: Family, event_id: str, payload: Any) -> bool:
     """Appends what fits to `typed`; returns True when the payload did not fit its declaration (never raises)."""
+    row = {"event_id": event_id, **dict.fromkeys(c.name for c in family.columns)}  # same keys in every row
+    typed[family.table].append(row)
     if not isinstance(payload, dict):
-        typed[family.table].append({"event_id": event_id})
         return payload is not None
-    scopes = [payload] + [
-        payload[k]
-        for k in ("data", "changes_requested")
-        if isinstance(payload.get(k), dict) and not _declared(family, k)
-    ]
-    mismatch = False
-    row = {"event_id": event_id}
+    scopes, mismatch = [payload], False
+    for key in WRAPPERS:
+        if _declared(family, key):
+            continue  # a free-form object: stored whole in its own column
+        inner = payload.get(key)
+        if isinstance(inner, dict):
+            scopes.append(inner)
+        else:
+            mismatch |= inner is not None  # a wrapper that is not an object
     for col in family.columns:
         row[col.name], bad = _convert(_lookup(scopes, col.field), col.type)
         mismatch |= bad
-    typed[family.table].append(row)
     for lst in family.lists:
         items = _lookup(scopes, lst.field)
-        if items is None:
-            continue
         if not isinstance(items, list):
-            mismatch = True
+            mismatch |= items is not None
             continue
+        names = [lst.value] if lst.value else [c.name for c in lst.columns]
         for position, item in enumerate(items):
-            child = {"event_id": event_id, "position": position}
+            child = {"event_id": event_id, "position": position, **dict.fromkeys(names)}
             if lst.value:
                 child[lst.value], bad = _convert(item, "str")
+                bad |= item is None  # a null item is a wrong type, not an absent field
             elif isinstance(item, dict):
-                bad = False
+                bad = bool(item.keys() - {c.field for c in lst.columns})
                 for col in lst.columns:
                     child[col.name], b = _convert(item.get(col.field), col.type)
                     bad |= b
-                bad |= bool(item.keys() - {c.field for c in lst.columns})
             else:
                 bad = True
             mismatch |= bad
             typed[lst.table].append(child)
-    known = {c.field for c in family.columns} | {lst.field for lst in family.lists} | {"data", "changes_requested"}
+    known = {c.field for c in family.columns} | {lst.field for lst in family.lists} | set(WRAPPERS)
     return mismatch or any(k not in known for scope in scopes for k in scope)
 
 
 def _declared(family: Family, name: str) -> bool:
-    return any(c.field == name and c.type == "json" for c in family.columns)
+    return any(c.field == name and c.type == "object" for c in family.columns)
 
 
 def _lookup(scopes: list[dict], name: str) -> Any:
@@ -577,15 +594,15 @@ def _convert(value: Any, kind: str) -> tuple[Any, bool]:
     """(stored value, mismatch). Absent is not a mismatch: the spec makes every payload field optional."""
     if value is None:
         return None, False
-    if kind == "json":
-        return dumps(value), False
     ok = {
         "str": isinstance(value, str),
         "int": isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63,
         "bool": isinstance(value, bool),
-        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "object": isinstance(value, dict),
     }[kind]
-    return (value, False) if ok else (None, True)
+    if not ok:
+        return None, True
+    return (dumps(value) if kind == "object" else value), False
 
 
 def _str(value: Any) -> str | None:

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from ingest import model
 from ingest.config import Settings
 from ingest.store import Warehouse, now
+from ingest.sync import backfill_window
 
 
 def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
@@ -24,12 +25,21 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
                 ).group_by(ev.c.source)
             )
         }
-        states = {r.key: r for r in conn.execute(sa.select(state).where(state.c.kind == "incremental"))}
+        # A source's incremental state is one row per stream; its backfills one row per slice and stream.
+        states: dict[str, list] = {}
+        backfills: dict[str, dict[tuple[int, int], list[int]]] = {}
+        for r in conn.execute(sa.select(state)):
+            if r.kind == "incremental":
+                states.setdefault(r.source, []).append(r)
+            else:
+                done_total = backfills.setdefault(r.source, {}).setdefault(backfill_window(r.key), [0, 0])
+                done_total[0] += r.checkpoint is not None
+                done_total[1] += 1
         last = {}
         for status in ("ok", "failed"):
             q = (
                 sa.select(runs.c.source, sa.func.max(runs.c.finished_at).label("at"))
-                .where(runs.c.status == status)
+                .where(runs.c.status == status, runs.c.kind == "incremental")
                 .group_by(runs.c.source)
             )
             last[status] = {r.source: r.at for r in conn.execute(q)}
@@ -37,16 +47,19 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
             r.source: r.error
             for r in conn.execute(
                 sa.select(runs.c.source, runs.c.error, runs.c.finished_at)
-                .where(runs.c.status == "failed")
+                .where(runs.c.status == "failed", runs.c.kind == "incremental")
                 .order_by(runs.c.finished_at)
             )
         }
     names = [s.name for s in settings.sources] + sorted(
-        (stored.keys() | states.keys()) - {s.name for s in settings.sources}
+        (stored.keys() | states.keys() | backfills.keys()) - {s.name for s in settings.sources}
     )
     rows, current = [], now()
     for name in names:
-        st, ev_row = states.get(name), stored.get(name)
+        streams, ev_row = states.get(name, []), stored.get(name)
+        # The source is synced up to its least advanced stream.
+        checkpoints = [st.checkpoint for st in streams]
+        checkpoint = min(checkpoints) if checkpoints and None not in checkpoints else None
         newest = ev_row.newest if ev_row else None
         lag = (current - newest).total_seconds() if newest else None
         warning = ""
@@ -55,14 +68,19 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
         rows.append(
             {
                 "source": name,
-                "checkpoint": _when(st.checkpoint) if st and st.checkpoint else "never synced",
-                "sweep": "in progress" if st and st.sweep_lte is not None else "",
+                "checkpoint": _when(checkpoint) if checkpoint else "never synced",
+                "sweep": "in progress" if any(st.sweep_lte is not None for st in streams) else "",
                 "events": f"{ev_row.n:,}" if ev_row else "0",
                 "newest event": newest.isoformat(sep=" ") if newest else "",
                 "lag": _age(lag) if lag is not None else "",
                 "last success": _stamp(last["ok"].get(name)),
                 "last failure": _stamp(last["failed"].get(name))
                 + (f" ({errors[name][:80]})" if name in errors and last["failed"].get(name) else ""),
+                "backfills unfinished": "; ".join(
+                    f"[{_when(since)}, {_when(until)}): {total - done}/{total} sweeps left"
+                    for (since, until), (done, total) in sorted(backfills.get(name, {}).items())
+                    if done < total
+                ),
                 "warning": warning,
             }
         )

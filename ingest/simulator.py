@@ -735,8 +735,8 @@ class Simulator:
                 owner = key.get("user") or key["service_account"]
                 actors, email = (key["id"], owner["id"]), owner.get("email")
             actors = self._actor_tuples.setdefault(actors, actors)  # share: memory for 1M events
-        payload = ev[ev["type"]]
-        resource = payload.get("id")
+        payload = ev.get(ev["type"])
+        resource = payload.get("id") if isinstance(payload, dict) else None
         project = ev.get("project")
         return _Rec(
             ev["effective_at"],
@@ -812,6 +812,11 @@ class Simulator:
             self._add([self._record(ev) for ev in new])
             self._expire()
         return new
+
+    def insert(self, events: list[dict]) -> None:
+        """Serve these events as given: tests stage payloads the generator never makes (wrong shapes)."""
+        with self._lock:
+            self._add([self._record(ev) for ev in events])
 
     # -- request handling --------------------------------------------------------------------------
     def handle(self, method: str, path: str, query: str, headers: Mapping[str, str]) -> Response:

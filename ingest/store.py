@@ -1,15 +1,15 @@
 """The warehouse: connections, migrations, and `save_batch`, the one write path for events.
 
-Writes take each engine's bulk path, one statement per table per batch: on DuckDB the rows go in as an
-Arrow table registered on the connection (`INSERT ... SELECT`); on PostgreSQL SQLAlchemy's
-insertmanyvalues turns the executemany into multi-row INSERTs. Every insert is insert-if-absent, so a
-replayed page changes nothing.
+Writes take each engine's bulk path, one INSERT ... SELECT per table per batch from a staged copy of the
+rows: on DuckDB an Arrow table registered on the connection, on PostgreSQL a temporary table filled by
+COPY. Every insert is insert-if-absent, so a replayed page changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ingest import model
-from ingest.errors import DatabaseError, DatabaseInUseError
+from ingest.errors import ConfigError, DatabaseError, DatabaseInUseError
 
 log = logging.getLogger("ingest.store")
 
@@ -35,31 +35,42 @@ _ARROW_TYPES = {
 }
 
 
+LOCK_POLL_SECONDS = 1.0  # a waiting ingester retries the lock this often
+
+
 def now() -> datetime:
     """Naive UTC, as every timestamp in the warehouse."""
     return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Warehouse:
-    def __init__(self, url: str, schema: str | None = None):
+    def __init__(self, url: str, schema: str | None = None, *, read_only: bool = False):
         self.url = url
         self.schema = schema
         try:
             url_obj = sa.engine.make_url(url)
         except sa.exc.ArgumentError:
-            raise DatabaseError(f"not a database URL: {url!r} (e.g. duckdb:///audit_logs.duckdb)") from None
+            raise ConfigError(f"not a database URL: {url!r} (e.g. duckdb:///audit_logs.duckdb)") from None
         self.dialect = url_obj.get_backend_name()
         self.location = url_obj.database if self.dialect == "duckdb" else url_obj.render_as_string(hide_password=True)
         kwargs: dict = {"json_serializer": _json_text}
         if self.dialect == "duckdb":
             # No pool: the file is opened for a run and released after it, so others can open it between runs.
             kwargs["poolclass"] = sa.pool.NullPool
+            # Closing discards what was not committed; a rollback first would only add a traceback to the
+            # one-line error when DuckDB has invalidated the database (disk full, I/O error).
+            kwargs["pool_reset_on_return"] = None
         else:
             kwargs["pool_pre_ping"] = True
+        # `query` and `export` read only: DuckDB lets several read-only processes share the file.
+        if read_only and self.dialect == "duckdb":
+            kwargs["connect_args"] = {"read_only": True}
+        elif read_only:
+            kwargs["execution_options"] = {"postgresql_readonly": True}
         try:
             self.engine = sa.create_engine(url_obj, **kwargs)
         except (sa.exc.ArgumentError, ImportError, sa.exc.NoSuchModuleError) as exc:
-            raise DatabaseError(
+            raise ConfigError(
                 f"unsupported database URL {url_obj.render_as_string(hide_password=True)}: {exc}"
             ) from None
 
@@ -71,6 +82,48 @@ class Warehouse:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def lock(
+        self, conn: sa.Connection, name: str, *, wait: bool = False, stop: threading.Event | None = None
+    ) -> Iterator[bool]:
+        """Holds `name`'s lock on `conn` for the block; yields False if another session holds it (after waiting
+        for it, polling so that `stop` is heard, when `wait`).
+
+        PostgreSQL: a session-level advisory lock keyed by schema and name, so it outlives the block's commits
+        and dies with a killed ingester's connection. DuckDB: its file lock already keeps other processes out.
+        """
+        if self.dialect != "postgresql":
+            yield True
+            return
+        # 64 bits of a hash of schema and name; hashtextextended is hash partitioning's, stable across versions.
+        key = (
+            "hashtextextended(concat('audit-ingest:', coalesce(CAST(:schema AS text), current_schema()), ':', "
+            "CAST(:name AS text)), 0)"
+        )
+        params = {"schema": self.schema, "name": name}
+
+        def attempt() -> bool:
+            with conn.begin():
+                return conn.execute(sa.text(f"SELECT pg_try_advisory_lock({key})"), params).scalar()
+
+        held = attempt()
+        if not held and wait:
+            log.info("%s: another ingester holds its lock; waiting for it", name)
+            stop = stop or threading.Event()
+            while not held and not stop.wait(LOCK_POLL_SECONDS):
+                held = attempt()
+        try:
+            yield held
+        finally:
+            if held:
+                try:
+                    if conn.in_transaction():
+                        conn.rollback()
+                    with conn.begin():
+                        conn.execute(sa.text(f"SELECT pg_advisory_unlock({key})"), params)
+                except sa.exc.DBAPIError:  # a broken connection: its session, and the lock, are gone already
+                    log.debug("could not release the lock of %s", name, exc_info=True)
 
     # ------------------------------------------------------------------------------------ migrations
     def current_revision(self, conn: sa.Connection) -> str | None:
@@ -89,24 +142,25 @@ class Warehouse:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         script = ScriptDirectory.from_config(config)
-        with self.connect() as conn:
-            if self.schema:
-                with conn.begin():
-                    conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        # Ingesters starting together on a new database: one migrates, the others wait and find it done.
+        with self.connect() as conn, self.lock(conn, "schema migrations", wait=True):
+            # Only when missing: even IF NOT EXISTS needs CREATE on the database, which a schema's owner may lack.
+            schemata = sa.text("SELECT count(*) FROM information_schema.schemata WHERE schema_name = :name")
+            if self.schema and not conn.execute(schemata, {"name": self.schema}).scalar():
+                conn.exec_driver_sql(f'CREATE SCHEMA "{self.schema}"')
             before = self.current_revision(conn)
             conn.commit()
             target = script.get_revision(revision).revision if revision != "head" else script.get_current_head()
             if before == target:
                 return []
             pending = [r for r in script.iterate_revisions(target, before)][::-1]
+            rebuild = before is not None and any(getattr(r.module, "REBUILD_TYPED", False) for r in pending)
+            # One transaction: a killed upgrade must not leave the new revision with typed rows missing.
             with conn.begin():
                 config.attributes.update(connection=conn, schema=self.schema)
                 command.upgrade(config, revision)
-            rebuild = before is not None and any(getattr(r.module, "REBUILD_TYPED", False) for r in pending)
-            if rebuild and target == script.get_current_head():
-                with conn.begin():
-                    rebuilt = rebuild_typed(conn)
-                log.info("re-derived typed rows of %d stored events", rebuilt)
+                if rebuild and target == script.get_current_head():
+                    log.info("re-derived typed rows of %d stored events", rebuild_typed(conn))
         applied = [r.revision for r in pending]
         log.info("database upgraded: %s", " -> ".join([before or "empty", *applied]))
         return applied
@@ -151,30 +205,81 @@ def insert_rows(
     """Insert-if-absent (or upsert with `update(excluded) -> set_`), one statement; returns `returning` values."""
     if not rows:
         return []
-    names = [c.name for c in table.columns if c.name in rows[0]]
+    names = tuple(c.name for c in table.columns if c.name in rows[0])
     if conn.dialect.name == "duckdb":
-        import pyarrow as pa
+        return _insert_duckdb(conn, table, names, rows, update, returning)
+    # Primary-key order: concurrent ingesters (source_lock = false) then lock rows in one order, never deadlock.
+    source = _stage(conn, table, names, rows).order_by(*[sa.column(c.name) for c in table.primary_key])
+    result = conn.execute(_insert(table, names, source, update, returning))
+    return [r[0] for r in result] if returning else []
 
-        schema = pa.schema([(n, _arrow_type(table.c[n].type)) for n in names])
-        conn.connection.driver_connection.register("_batch", pa.Table.from_pylist(rows, schema=schema))
-        source = sa.select(*[sa.column(n) for n in names]).select_from(sa.table("_batch"))
-        stmt = pg_insert(table).from_select(names, source)
-        params = None
-    else:
-        stmt, params = pg_insert(table), rows
+
+def _insert(table: sa.Table, names: tuple[str, ...], source: sa.Select, update, returning: str | None) -> sa.Insert:
+    stmt = pg_insert(table).from_select(names, source)
     stmt = (
         stmt.on_conflict_do_update(index_elements=[c.name for c in table.primary_key], set_=update(stmt.excluded))
         if update
         else stmt.on_conflict_do_nothing()
     )
-    if returning:
-        stmt = stmt.returning(table.c[returning])
+    return stmt.returning(table.c[returning]) if returning else stmt
+
+
+def _insert_duckdb(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict], update, returning):
+    import pyarrow as pa
+
+    # The statement's text is compiled once per shape: duckdb-engine turns SQLAlchemy's statement cache off,
+    # and compiling an upsert costs more than inserting a batch. `update` must depend on the table and the
+    # columns only (true of `_newest_wins` and `save_state`'s), as its code object stands for it in the key.
+    translate = conn.get_execution_options().get("schema_translate_map")
+    key = (table, names, update and update.__code__, returning, translate and tuple(translate.items()))
+    sql = _DUCKDB_SQL.get(key)
+    if sql is None:
+        source = sa.select(*map(sa.column, names)).select_from(sa.table("_batch"))
+        compiled = _insert(table, names, source, update, returning).compile(
+            dialect=conn.dialect, schema_translate_map=translate, render_schema_translate=bool(translate)
+        )
+        sql = _DUCKDB_SQL[key] = str(compiled)
+    schema = pa.schema([(n, _arrow_type(table.c[n].type)) for n in names])
+    driver = conn.connection.driver_connection
+    driver.register("_batch", pa.Table.from_pylist(rows, schema=schema))
     try:
-        result = conn.execute(stmt, params)
-        return [r[0] for r in result] if returning else []
+        result = conn.exec_driver_sql(sql)
+        return result.scalars().all() if returning else []
     finally:
-        if conn.dialect.name == "duckdb":
-            conn.connection.driver_connection.unregister("_batch")
+        driver.unregister("_batch")
+
+
+_DUCKDB_SQL: dict[tuple, str] = {}
+
+
+def _stage(conn: sa.Connection, table: sa.Table, names: list[str], rows: list[dict]) -> sa.Select:
+    """PostgreSQL: COPY the rows into the session's temporary twin of `table`; selects them from it.
+
+    COPY is PostgreSQL's bulk path: a multi-row INSERT of a 5,000-event batch spends seconds in psycopg's
+    client-side parsing of its 150,000 placeholders. The twin lives as long as the connection.
+    """
+    from psycopg import sql
+
+    stage = sql.Identifier("pg_temp", f"_stage_{table.name}")
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type.compile(dialect=conn.dialect)))
+        for c in table.columns
+    )
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with conn.connection.driver_connection.cursor() as cursor:
+            cursor.execute(
+                sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {stage} ({columns}); TRUNCATE {stage}").format(
+                    stage=stage, columns=columns
+                )
+            )
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(stage, sql.SQL(", ").join(map(sql.Identifier, names)))
+            with cursor.copy(copy_sql) as copy:
+                for row in rows:
+                    copy.write_row([row.get(n) for n in names])
+    except dbapi.Error as exc:  # raw driver calls: wrap as SQLAlchemy would, for translate_errors
+        raise sa.exc.DBAPIError.instance(f"COPY into {table.name}", None, exc, dbapi.Error) from exc
+    return sa.select(*[sa.column(n) for n in names]).select_from(sa.table(f"_stage_{table.name}", schema="pg_temp"))
 
 
 def _arrow_type(sql_type: sa.types.TypeEngine):

@@ -9,22 +9,27 @@ The engine names no event type: `model.normalise` turns events into rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
 from ingest import model, store
 from ingest.api import Client, CursorRejected, Interrupted, Page, Query, fetch_pages
 from ingest.config import Settings, Source
-from ingest.errors import IngestError
+from ingest.errors import BadResponseError, ConfigError, IngestError
 
 log = logging.getLogger("ingest.sync")
 
@@ -52,10 +57,18 @@ class RunSummary:
     error: str | None = None
     started: float = field(default_factory=time.monotonic)
     duration: float = 0.0
-    window: tuple[int | None, int | None] = (None, None)  # the sweep's bounds, for progress and ETA
-    oldest_seen: int | None = None  # effective_at of the oldest event so far: sweeps go newest first
+    # Per sweep (state key): (seconds of its window covered so far, its width), for progress and ETA.
+    coverage: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def progress(self) -> tuple[int, int] | None:
+        """(seconds covered, seconds in all known windows); None while no window is known."""
+        if not self.coverage:
+            return None
+        return sum(done for done, _ in self.coverage.values()), sum(width for _, width in self.coverage.values())
 
     def line(self) -> str:
+        if self.status == "skipped":
+            return f"{self.source}: skipped, another ingester is syncing it"
         text = (
             f"{self.source}: {self.status}, {self.events_seen:,} events seen, {self.events_new:,} new, "
             f"{self.pages:,} pages, {self.requests:,} requests in {self.duration:.1f}s"
@@ -80,14 +93,17 @@ def run_sources(
     stop: threading.Event | None = None,
     on_progress: Progress | None = None,
     transport=None,
+    job: Callable[..., RunSummary] | None = None,
 ) -> list[RunSummary]:
-    """One incremental sync of each source; the first failure is raised after every source had its turn."""
+    """One incremental sync (or `job`, e.g. a backfill) of each source; the first failure is raised after
+    every source had its turn."""
     warehouse.ensure_schema()
+    job = job or sync_source
     summaries, failure = [], None
     for source in sources:
         try:
             with client_for(settings, source, stop, transport) as client:
-                summaries.append(sync_source(warehouse, client, source, settings, stop=stop, on_progress=on_progress))
+                summaries.append(job(warehouse, client, source, settings, stop=stop, on_progress=on_progress))
         except IngestError as exc:
             if isinstance(exc, Interrupted):
                 raise
@@ -136,31 +152,153 @@ def sync_source(
 ) -> RunSummary:
     """The incremental sync of one source: per stream, resume the unfinished sweep or start one from the checkpoint."""
     summary = RunSummary(source.name)
-    with warehouse.connect() as conn, _recorded(conn, summary, client):
-        for key, filters in streams(source):
-            resumed = True
-            while resumed:  # a resumed sweep ends at its old bound: then sweep again up to now
-                with conn.begin():
-                    state = store.load_state(conn, key) or {
-                        "key": key, "source": source.name, "kind": "incremental", "checkpoint": None,
-                        "sweep_gte": None, "sweep_lte": None, "sweep_cursor": None,
-                    }  # fmt: skip
-                    resumed = state["sweep_lte"] is not None
-                    if resumed:
-                        log.info("%s: resuming the unfinished sweep at cursor %s", key, state["sweep_cursor"])
-                    else:
-                        checkpoint = state["checkpoint"]
-                        if checkpoint is not None:
-                            state["sweep_gte"] = checkpoint - int(settings.lookback)
-                        elif settings.start is not None:
-                            state["sweep_gte"] = int(settings.start.timestamp())
-                        state["sweep_lte"] = int(time.time())
-                        store.save_state(conn, state)
-                sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress)
-                with conn.begin():
-                    state.update(checkpoint=state["sweep_lte"], sweep_gte=None, sweep_lte=None, sweep_cursor=None)
-                    store.save_state(conn, state)
+    with warehouse.connect() as conn:
+        lock = warehouse.lock(conn, source.name, wait=settings.lock_wait, stop=stop)
+        with lock if settings.source_lock else contextlib.nullcontext(True) as held:
+            if not held:  # its line() is the one line the caller logs or prints
+                summary.status = "skipped"
+                return summary
+            with _recorded(conn, summary, client):
+                for key, filters in streams(source):
+                    resumed = True
+                    while resumed:  # a resumed sweep ends at its old bound: then sweep again up to now
+                        with conn.begin():
+                            state = store.load_state(conn, key) or {
+                                "key": key, "source": source.name, "kind": "incremental", "checkpoint": None,
+                                "sweep_gte": None, "sweep_lte": None, "sweep_cursor": None,
+                            }  # fmt: skip
+                            resumed = state["sweep_lte"] is not None
+                            if resumed:
+                                log.info("%s: resuming the unfinished sweep at cursor %s", key, state["sweep_cursor"])
+                            else:
+                                checkpoint = state["checkpoint"]
+                                if checkpoint is not None:
+                                    state["sweep_gte"] = checkpoint - int(settings.lookback)
+                                elif settings.start is not None:
+                                    state["sweep_gte"] = int(settings.start.timestamp())
+                                state["sweep_lte"] = int(time.time())
+                                store.save_state(conn, state)
+                        sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress)
+                        with conn.begin():
+                            state.update(
+                                checkpoint=state["sweep_lte"], sweep_gte=None, sweep_lte=None, sweep_cursor=None
+                            )
+                            store.save_state(conn, state)
     return summary
+
+
+def backfill(
+    settings: Settings,
+    warehouse: store.Warehouse,
+    sources: tuple[Source, ...],
+    since: datetime,
+    until: datetime | None = None,
+    *,
+    workers: int = 1,
+    stop: threading.Event | None = None,
+    on_progress: Progress | None = None,
+    transport=None,
+) -> list[RunSummary]:
+    """Loads the half-open window [since, until) (until defaults to now) of each source, in `workers` time
+    slices fetched concurrently. Slices have their own state rows and never move the incremental checkpoint."""
+    if (until or datetime.now(UTC)) <= since:
+        raise ConfigError("the backfill window is empty: --until (default now) must be later than --since")
+    # Events carry whole seconds: t >= since <=> t >= ceil(since), and t < until <=> t < ceil(until).
+    job = functools.partial(
+        backfill_source,
+        since=math.ceil(since.timestamp()),
+        until=None if until is None else math.ceil(until.timestamp()),
+        workers=workers,
+    )
+    stop = stop or threading.Event()  # shared by the client and the slices, so that Ctrl-C reaches both
+    return run_sources(settings, warehouse, sources, stop=stop, on_progress=on_progress, transport=transport, job=job)
+
+
+def backfill_source(
+    warehouse: store.Warehouse,
+    client: Client,
+    source: Source,
+    settings: Settings,
+    *,
+    since: int,
+    until: int | None,
+    workers: int,
+    stop: threading.Event,
+    on_progress: Progress | None = None,
+) -> RunSummary:
+    """The backfill of one source: a pool of `workers` threads over its unfinished slices, sharing `client`
+    (and so its rate-limit pause) and one write lock."""
+    summary = RunSummary(source.name, kind="backfill")
+    lock = threading.Lock()
+
+    def run_slice(state: dict, filters: Query) -> None:
+        with warehouse.connect() as conn:
+            sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, lock=lock)
+            with lock, conn.begin():
+                state.update(checkpoint=state["sweep_lte"], sweep_gte=None, sweep_lte=None, sweep_cursor=None)
+                store.save_state(conn, state)
+
+    with warehouse.connect() as conn, _recorded(conn, summary, client):
+        with conn.begin():
+            pending = _slices(conn, source, since, until, workers)
+        for state, _ in pending:  # the whole remaining window is known now: progress has a total from the start
+            summary.coverage[state["key"]] = (0, state["sweep_lte"] - state["sweep_gte"] + 1)
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="backfill") as pool:
+            futures = [pool.submit(run_slice, state, filters) for state, filters in pending]
+            try:
+                for future in as_completed(futures):
+                    future.result()
+            except BaseException as exc:
+                pool.shutdown(cancel_futures=True)  # slices not started yet stay pending for the rerun
+                if isinstance(exc, KeyboardInterrupt):
+                    stop.set()  # running slices end after their current batch
+                raise
+    return summary
+
+
+def _slices(
+    conn: sa.Connection, source: Source, since: int, until: int | None, workers: int
+) -> list[tuple[dict, Query]]:
+    """The unfinished slice sweeps of the backfill [since, until), created on its first run.
+
+    Keys are `backfill:<source>:<since>:<until>:<i>/<n>` plus the stream suffix. A rerun finds the rows of
+    the killed run and resumes them, with their slicing whatever `workers` says now; without `until` it
+    resumes the unfinished backfill that started at `since`, if there is one.
+    """
+    rows = conn.execute(
+        sa.select(model.sync_state.c.key, model.sync_state.c.checkpoint).where(
+            model.sync_state.c.source == source.name, model.sync_state.c.kind == "backfill"
+        )
+    ).all()
+    if until is None:
+        unfinished = [
+            r.key for r in rows if r.checkpoint is None and r.key.startswith(f"backfill:{source.name}:{since}:")
+        ]
+        until = backfill_window(unfinished[0])[1] if unfinished else math.ceil(time.time())
+    prefix = f"backfill:{source.name}:{since}:{until}:"
+    existing = [r.key.removeprefix(prefix) for r in rows if r.key.startswith(prefix)]
+    n = int(existing[0].split("/")[1].partition("#")[0]) if existing else max(1, min(workers, until - since))
+    pending = []
+    for i in range(n):
+        lo, hi = since + (until - since) * i // n, since + (until - since) * (i + 1) // n - 1
+        for stream_key, filters in streams(source):
+            key = f"{prefix}{i}/{n}{stream_key.removeprefix(source.name)}"
+            state = store.load_state(conn, key)
+            if state is None:
+                state = {"key": key, "source": source.name, "kind": "backfill", "checkpoint": None,
+                         "sweep_gte": lo, "sweep_lte": hi, "sweep_cursor": None}  # fmt: skip
+                store.save_state(conn, state)
+            if state["checkpoint"] is None:
+                pending.append((state, filters))
+    window = " to ".join(datetime.fromtimestamp(t, UTC).isoformat() for t in (since, until))
+    log.info("%s: backfill [%s) in %d slices, %d sweeps to do", source.name, window, n, len(pending))
+    return pending
+
+
+def backfill_window(key: str) -> tuple[int, int]:
+    """(since, until) of a backfill's state key."""
+    _, _, since, until, _ = key.split(":")
+    return int(since), int(until)
 
 
 def sweep(
@@ -172,19 +310,30 @@ def sweep(
     *,
     stop: threading.Event | None = None,
     on_progress: Progress | None = None,
+    lock: threading.Lock | None = None,
 ) -> None:
-    """Fetches the window in `state` from its cursor to the end, committing batches with the cursor."""
-    query = dataclasses.replace(filters, gte=state["sweep_gte"], lte=state["sweep_lte"])
-    summary.window = (state["sweep_gte"], state["sweep_lte"])
+    """Fetches the window in `state` from its cursor to the end, committing batches with the cursor.
+
+    Concurrent sweeps (backfill slices) share `lock`: it serialises their writes and `summary` updates,
+    because concurrent upserts of the same actor rows would conflict (DuckDB) or deadlock (PostgreSQL).
+    """
+    gte, lte = state["sweep_gte"], state["sweep_lte"]
+    query = dataclasses.replace(filters, gte=gte, lte=lte)
+    if gte is not None:
+        summary.coverage[state["key"]] = (0, lte - gte + 1)
     stop = stop or threading.Event()
+    lock = lock or threading.Lock()
     while True:
         try:
             for pages in _batches(_prefetch(fetch_pages(client, query, state["sweep_cursor"]))):
-                _save(conn, state, pages, summary)
+                with lock:
+                    _save(conn, state, pages, summary)
                 if on_progress:
                     on_progress(summary)
                 if stop.is_set():
                     raise Interrupted("stopped")
+            if gte is not None:
+                summary.coverage[state["key"]] = (lte - gte + 1, lte - gte + 1)
             return
         except CursorRejected as exc:
             if state["sweep_cursor"] is None:
@@ -192,6 +341,14 @@ def sweep(
             # Its event may have expired; the sweep restarts from the top, and insert-if-absent makes that harmless.
             log.warning("%s: %s; restarting the sweep from its top", state["key"], exc)
             state["sweep_cursor"] = None
+        except BadResponseError as exc:
+            if exc.body is None:
+                raise
+            # No cursor lies beyond an unusable page: keep its body for a person, fail the run, move nothing.
+            with lock, conn.begin():
+                store.save_rejected(conn, state["source"], [(exc.body, "unusable page: " + str(exc))])
+            summary.rejected += 1
+            raise
 
 
 def _save(conn: sa.Connection, state: dict, pages: list[Page], summary: RunSummary) -> None:
@@ -208,11 +365,13 @@ def _save(conn: sa.Connection, state: dict, pages: list[Page], summary: RunSumma
     summary.events_seen += len(events)
     summary.events_new += len(new)
     summary.rejected += len(rejected)
-    summary.mismatches.update(batch.mismatches)
-    if events:
+    mismatches = Counter(t for event_id, t in batch.mismatches.items() if event_id in new)  # replays: counted once
+    summary.mismatches.update(mismatches)
+    if events and state["key"] in summary.coverage:  # newest first: everything after the oldest event is done
+        done, width = summary.coverage[state["key"]]
         oldest = min(e["effective_at"] for e in events)
-        summary.oldest_seen = oldest if summary.oldest_seen is None else min(summary.oldest_seen, oldest)
-    for kind in batch.mismatches.keys() - _mismatch_logged:
+        summary.coverage[state["key"]] = (max(done, min(width, state["sweep_lte"] - oldest)), width)
+    for kind in mismatches.keys() - _mismatch_logged:
         _mismatch_logged.add(kind)
         log.warning("payload of %s does not match its declared shape; stored what fits (raw JSON kept)", kind)
 

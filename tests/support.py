@@ -28,7 +28,8 @@ def stored_events(database_url: str, schema: str | None = None) -> dict[str, dic
     warehouse = Warehouse(database_url, schema)
     try:
         with warehouse.connect() as conn:
-            rows = conn.execute(sa.text("SELECT id, raw FROM audit_events")).all()
+            events = sa.table("audit_events", sa.column("id"), sa.column("raw"), schema=schema)
+            rows = conn.execute(sa.select(events.c.id, events.c.raw)).all()
     finally:
         warehouse.dispose()
     return {row.id: row.raw if isinstance(row.raw, dict) else json.loads(row.raw) for row in rows}

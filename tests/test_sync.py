@@ -82,31 +82,30 @@ def test_faults_are_retried_to_an_exact_result(simulator, db_url, key_env):
     assert_exact(server.sim, db_url)
 
 
-def test_run_killed_mid_sweep_then_rerun_is_exact(simulator, tmp_path, key_env):
+def test_run_killed_mid_sweep_then_rerun_is_exact(simulator, db_url, key_env):
     server = simulator(events=6000, seed=5, latency=0.05)
-    url = f"duckdb:///{tmp_path / 'killed.duckdb'}"
-    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}
+    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": db_url}
     proc = subprocess.Popen([sys.executable, "-m", "ingest", "run"], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while server.sim.requests < 35 and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = len(stored_events(url))
+    partial = len(stored_events(db_url))
     assert 0 < partial < 6000
-    assert scalar(url, "SELECT count(*) FROM sync_state WHERE sweep_lte IS NOT NULL") == 1  # unfinished sweep kept
+    assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE sweep_lte IS NOT NULL") == 1  # unfinished sweep kept
     server.sim.append(40)
-    [summary] = sync(server, url)
+    [summary] = sync(server, db_url)
     assert summary.events_new == 6040 - partial
-    assert_exact(server.sim, url)
+    assert_exact(server.sim, db_url)
 
 
-def test_wrong_key_fails_after_one_request_with_one_clear_line(simulator, tmp_path):
+def test_wrong_key_fails_after_one_request_with_one_clear_line(simulator, db_url):
     server = simulator(events=100)
     env = {
         "OPENAI_ADMIN_KEY": "sk-admin-wrong-key-123456",
         "OPENAI_BASE_URL": server.url,
-        "AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path / 'w.duckdb'}",
+        "AUDIT_INGEST_DATABASE_URL": db_url,
     }
     result = cli("run", env=env)
     assert result.returncode == 3
@@ -117,12 +116,12 @@ def test_wrong_key_fails_after_one_request_with_one_clear_line(simulator, tmp_pa
     assert "sk-admin-wrong-key-123456" not in result.stderr + result.stdout
 
 
-def test_not_enabled_is_its_own_error(simulator, tmp_path):
+def test_not_enabled_is_its_own_error(simulator, db_url):
     server = simulator(events=10, audit_logging_enabled=False)
     env = {
         "OPENAI_ADMIN_KEY": KEY,
         "OPENAI_BASE_URL": server.url,
-        "AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path / 'n.duckdb'}",
+        "AUDIT_INGEST_DATABASE_URL": db_url,
     }
     result = cli("run", env=env)
     assert result.returncode == 4
@@ -140,12 +139,12 @@ def test_missing_key_is_a_config_error_before_any_request(simulator, tmp_path):
     assert server.sim.requests == 0
 
 
-def test_cli_run_then_status(simulator, tmp_path):
+def test_cli_run_then_status(simulator, db_url):
     server = simulator(events=500, seed=6)
     env = {
         "OPENAI_ADMIN_KEY": KEY,
         "OPENAI_BASE_URL": server.url,
-        "AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path / 's.duckdb'}",
+        "AUDIT_INGEST_DATABASE_URL": db_url,
     }
     result = cli("run", env=env)
     assert result.returncode == 0, result.stderr

@@ -49,8 +49,8 @@ def upgrade() -> None:
         sa.Column("ip_region_code", sa.Text(), nullable=True),
         sa.Column("ip_city", sa.Text(), nullable=True),
         sa.Column("ip_asn", sa.Text(), nullable=True),
-        sa.Column("ip_latitude", sa.Float(), nullable=True),
-        sa.Column("ip_longitude", sa.Float(), nullable=True),
+        sa.Column("ip_latitude", sa.Double(), nullable=True),
+        sa.Column("ip_longitude", sa.Double(), nullable=True),
         sa.Column(
             "payload", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=True
         ),

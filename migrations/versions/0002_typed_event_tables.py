@@ -35,7 +35,7 @@ def upgrade() -> None:
     op.create_table(
         "api_key_events",
         sa.Column("event_id", sa.Text(), nullable=False),
-        sa.Column("key_id", sa.Text(), nullable=True),
+        sa.Column("api_key_id", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["event_id"],
             ["audit_events.id"],
@@ -69,7 +69,7 @@ def upgrade() -> None:
     op.create_table(
         "checkpoint_permission_events",
         sa.Column("event_id", sa.Text(), nullable=False),
-        sa.Column("permission_id", sa.Text(), nullable=True),
+        sa.Column("checkpoint_permission_id", sa.Text(), nullable=True),
         sa.Column("project_id", sa.Text(), nullable=True),
         sa.Column("fine_tuned_model_checkpoint", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
@@ -116,7 +116,7 @@ def upgrade() -> None:
         "ip_allowlist_event_configs",
         sa.Column("event_id", sa.Text(), nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
-        sa.Column("config_id", sa.Text(), nullable=True),
+        sa.Column("ip_allowlist_id", sa.Text(), nullable=True),
         sa.Column("name", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["event_id"],
@@ -138,7 +138,7 @@ def upgrade() -> None:
     op.create_table(
         "ip_allowlist_events",
         sa.Column("event_id", sa.Text(), nullable=False),
-        sa.Column("allowlist_id", sa.Text(), nullable=True),
+        sa.Column("ip_allowlist_id", sa.Text(), nullable=True),
         sa.Column("name", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["event_id"],
@@ -205,7 +205,7 @@ def upgrade() -> None:
     op.create_table(
         "role_assignment_events",
         sa.Column("event_id", sa.Text(), nullable=False),
-        sa.Column("assignment_id", sa.Text(), nullable=True),
+        sa.Column("role_assignment_id", sa.Text(), nullable=True),
         sa.Column("principal_id", sa.Text(), nullable=True),
         sa.Column("principal_type", sa.Text(), nullable=True),
         sa.Column("resource_id", sa.Text(), nullable=True),
@@ -330,7 +330,7 @@ def upgrade() -> None:
     op.create_table(
         "workload_identity_provider_events",
         sa.Column("event_id", sa.Text(), nullable=False),
-        sa.Column("provider_id", sa.Text(), nullable=True),
+        sa.Column("identity_provider_id", sa.Text(), nullable=True),
         sa.Column("name", sa.Text(), nullable=True),
         sa.Column("data", sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"), nullable=True),
         sa.Column(

@@ -1,0 +1,187 @@
+"""`audit-ingest daemon`: a sync of every source at start, then on an interval or a cron schedule.
+
+APScheduler runs one job per source, all on a single worker thread: runs of a source never overlap
+(max_instances=1), runs missed while one was running coalesce into the next tick, and sources take
+turns, because a DuckDB file has one writer. Each run opens the warehouse and releases it when done, so
+between runs people can open the file with DuckDB or `audit-ingest query`. A failing source backs off:
+after k failures in a row it skips 2^(k-1) - 1 ticks (at most an hour's worth), so an API that keeps
+failing is not hammered. SIGTERM or SIGINT set `stop`: the running sync commits its current batch and
+ends, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from ingest import model
+from ingest.api import Interrupted
+from ingest.config import Settings, Source
+from ingest.errors import ConfigError, IngestError
+from ingest.metrics import Metrics
+from ingest.store import Warehouse
+from ingest.sync import Progress, RunSummary, client_for, sync_source
+
+log = logging.getLogger("ingest.daemon")
+
+
+class _Coalesced(logging.Filter):
+    """APScheduler warns at every tick that finds the source's last run still going: that skip is the
+    coalescing asked for, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in record.getMessage()
+
+DEFAULT_INTERVAL = 300.0
+MAX_BACKOFF = 3600.0  # seconds: the longest a failing source waits between attempts (or one tick, if longer)
+
+
+def trigger_for(interval: float | None, cron: str | None) -> tuple[BaseTrigger, float]:
+    """The schedule and its period in seconds (for a cron line, the gap between its next two runs)."""
+    if interval is not None and cron is not None:
+        raise ConfigError("give --interval or --cron, not both")
+    if cron is None:
+        interval = DEFAULT_INTERVAL if interval is None else interval
+        if interval <= 0:
+            raise ConfigError("--interval must be a positive duration, e.g. 30s, 5m, 1h")
+        return IntervalTrigger(seconds=interval, timezone=UTC), interval
+    try:
+        trigger = CronTrigger.from_crontab(cron, timezone=UTC)
+    except ValueError as exc:
+        raise ConfigError(f"bad --cron {cron!r}: {exc} (five fields, UTC, e.g. '*/5 * * * *')") from None
+    first = trigger.get_next_fire_time(None, datetime.now(UTC))
+    return trigger, (trigger.get_next_fire_time(first, first) - first).total_seconds()
+
+
+class SourceJob:
+    """The runs of one source, and its backoff after consecutive failures."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: Source,
+        *,
+        period: float,
+        stop: threading.Event,
+        metrics: Metrics,
+        progress: Callable[[], AbstractContextManager[Progress]],
+    ):
+        self.settings, self.source, self.period, self.stop = settings, source, period, stop
+        self.metrics, self.progress = metrics, progress
+        self.failures = 0
+        self.skip = 0  # ticks left to skip before the next attempt
+
+    def __call__(self) -> None:
+        if self.stop.is_set():
+            return  # a tick queued behind a running job when the stop came
+        if self.skip:
+            self.skip -= 1
+            return
+        latest: list[RunSummary] = []  # the counters of committed batches, even if the run fails later
+        outcome = "interrupted"
+        warehouse = Warehouse(self.settings.database_url, self.settings.db_schema)
+        client = client_for(self.settings, self.source, self.stop)
+        try:
+            with client, self.progress() as show:
+                warehouse.ensure_schema()
+
+                def on_progress(summary: RunSummary) -> None:
+                    latest[:] = [summary]
+                    show(summary)
+
+                summary = sync_source(warehouse, client, self.source, self.settings, stop=self.stop,
+                                      on_progress=on_progress)  # fmt: skip
+            log.info("%s", summary.line())
+            outcome, self.failures, self.skip = "ok", 0, 0
+        except Interrupted:
+            log.info("%s: run stopped; the next one resumes from its last commit", self.source.name)
+        except Exception as exc:  # whatever failed: one line, and a retry after the backoff
+            outcome, self.failures = "failed", self.failures + 1
+            self.skip = min(2 ** (self.failures - 1) - 1, int(MAX_BACKOFF // self.period))
+            reason = str(exc) if isinstance(exc, IngestError) else f"internal error: {type(exc).__name__}: {exc}"
+            log.error("%s: run failed (%d in a row): %s; next attempt in %s", self.source.name, self.failures,
+                      reason, _duration((self.skip + 1) * self.period))  # fmt: skip
+            log.debug("traceback of the failed run", exc_info=True)
+        finally:
+            newest = None if outcome == "interrupted" else _newest_event(warehouse, self.source.name)
+            events_new = latest[0].events_new if latest else 0
+            self.metrics.observe(self.source.name, outcome, events_new=events_new, stats=client.stats, newest=newest)
+            warehouse.dispose()  # nothing may keep the DuckDB file open between runs
+
+
+def run_daemon(
+    settings: Settings,
+    sources: tuple[Source, ...],
+    *,
+    interval: float | None,
+    cron: str | None,
+    progress: Callable[[], AbstractContextManager[Progress]],
+    metrics_port: int | None = None,
+    metrics_addr: str = "127.0.0.1",
+) -> None:
+    """Runs until SIGTERM or SIGINT; returns once the running sync has committed and stopped."""
+    trigger, period = trigger_for(interval, cron)
+    for source in sources:
+        source.admin_key()  # a missing key is a configuration error, not a failed run to retry forever
+    logging.getLogger("apscheduler.scheduler").addFilter(_Coalesced())
+    stop = threading.Event()
+    metrics = Metrics()
+    server = metrics.serve(metrics_port, metrics_addr) if metrics_port is not None else None
+    scheduler = BackgroundScheduler(
+        executors={"default": ThreadPoolExecutor(1)},
+        job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
+        timezone=UTC,
+    )
+    for source in sources:
+        job = SourceJob(settings, source, period=period, stop=stop, metrics=metrics, progress=progress)
+        scheduler.add_job(job, trigger, id=source.name, name=f"sync {source.name}", next_run_time=datetime.now(UTC))
+    # The handler only sets a flag: the main thread polls it, and never blocks on a lock the handler needs.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    scheduler.start()
+    log.info(
+        "daemon started: %s, every %s%s; SIGTERM or Ctrl-C stops it",
+        ", ".join(s.name for s in sources),
+        cron or _duration(period),
+        f", metrics on http://{metrics_addr}:{metrics_port}/metrics" if server else "",
+    )
+    try:
+        while not stop.is_set():
+            time.sleep(0.1)
+        log.info("stopping: letting the running sync commit its current batch")
+    finally:
+        stop.set()
+        scheduler.shutdown(wait=True)
+        if server is not None:
+            server.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("daemon stopped")
+
+
+def _newest_event(warehouse: Warehouse, source: str) -> datetime | None:
+    """For the lag metric; None when the warehouse cannot be read (that run's failure is logged already)."""
+    events = model.audit_events
+    try:
+        with warehouse.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(events.c.effective_at)).where(events.c.source == source)).scalar()
+    except IngestError:
+        return None
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:g}s"

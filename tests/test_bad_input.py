@@ -1,0 +1,241 @@
+"""Bad input from the API: every item is kept as an event or quarantined in `rejected_events` with its
+text and a reason, and counted; nothing is silently lost.
+
+The simulator serves real pages over HTTP; a transport in front of it splices in what no real API
+should send (httpx.MockTransport forwarding to the simulator: the simulator itself only serves good data).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from support import KEY, scalar, settings_for, stored_events
+
+from ingest import sync
+from ingest.errors import BadResponseError
+from ingest.model import is_tenant_scoped
+from ingest.store import Warehouse
+
+T = 1_790_000_000  # inside no test's window: the API may send events it was not asked for
+HUGE = ("Grüße 🚀 'quoted' \"double\" \\ back " * 70_000)[:2_000_000]
+OVERFLOW = "__1e400__"  # replaced by a bare 1e400 in the body: a number no float holds
+
+# (name, item): kept as events, raw exactly as sent.
+KEPT = [
+    ("unknown type", {"id": "bad-unknown", "type": "frobnicator.exploded", "effective_at": T,
+                      "frobnicator.exploded": {"id": "frob_1", "level": 11}}),
+    ("null actor", {"id": "bad-null-actor", "type": "project.created", "effective_at": T, "actor": None,
+                    "project.created": {"id": "proj_null_actor", "name": "n"}}),
+    ("wrong payload types", {"id": "bad-types", "type": "api_key.created", "effective_at": T,
+                             "api_key.created": {"id": 42, "data": {"scopes": "api.model.request"}}}),
+    ("integer beyond 64 bits in a typed field", {
+        "id": "bad-bigint", "type": "rate_limit.updated", "effective_at": T,
+        "rate_limit.updated": {"id": "rl_1", "changes_requested": {"max_requests_per_1_minute": 2**70 + 1}}}),
+    ("integers beyond 64 bits anywhere", {"id": "bad-bigint-2", "type": "tunnel.created", "effective_at": T,
+                                          "tunnel.created": {"id": "tun_1"}, "n": [-(2**80) - 3, 2**64]}),
+    ("huge string", {"id": "bad-huge", "type": "project.updated", "effective_at": T,
+                     "project.updated": {"id": "proj_huge", "changes_requested": {"title": HUGE}}}),
+    ("outside the requested window", {"id": "bad-old", "type": "login.succeeded", "effective_at": 1,
+                                      "login.succeeded": {}}),
+    ("actor of the wrong shape", {"id": "bad-actor", "type": "logout.succeeded", "effective_at": T,
+                                  "actor": {"type": "session", "session": "not an object"}}),
+    ("SQL, quotes, backslashes, unicode", {
+        "id": "bad-'; DROP TABLE audit_events; --", "type": "group.created", "effective_at": T,
+        "group.created": {"id": "grp_\\\"x\"", "group_name": "Robert'); DELETE FROM users; -- ½ \u202e 𝕳"}}),
+]  # fmt: skip
+DUPLICATE = KEPT[1][1]  # served twice in the page: stored once
+
+# (name, item): quarantined in rejected_events with a reason.
+REJECTED = [
+    ("no id", {"type": "project.created", "effective_at": T}),
+    ("id not a string", {"id": 12345, "type": "project.created", "effective_at": T}),
+    ("empty id", {"id": "", "type": "project.created", "effective_at": T}),
+    ("no effective_at", {"id": "rej-no-time", "type": "project.created"}),
+    ("effective_at a string", {"id": "rej-str-time", "type": "project.created", "effective_at": "2026-01-01"}),
+    ("effective_at a float", {"id": "rej-float-time", "type": "project.created", "effective_at": 1.7e9}),
+    ("effective_at beyond any date", {"id": "rej-far", "type": "project.created", "effective_at": 10**12}),
+    ("no type", {"id": "rej-no-type", "effective_at": T}),
+    ("not an object", "just a string"),
+    ("a number", 42),
+    ("null", None),
+    ("a list", [{"id": "rej-in-list"}]),
+    ("NUL in a string", {"id": "rej-nul", "type": "project.created", "effective_at": T,
+                         "project.created": {"id": "proj_nul", "name": "a\x00b"}}),
+    ("lone surrogate", {"id": "rej-surrogate", "type": "project.created", "effective_at": T,
+                        "project.created": {"name": "\ud800"}}),
+    ("number out of range", {"id": "rej-overflow", "type": "project.created", "effective_at": T,
+                             "project.created": {"n": OVERFLOW}}),
+    ("duplicate id, different content", {**DUPLICATE, "project.created": {"id": "proj_other"}}),
+]  # fmt: skip
+
+
+def bad_inputs_tried() -> int:
+    """For the Guarantees figures: items above plus the page-level cases below."""
+    return len(KEPT) + 1 + len(REJECTED) + 1 + len(BAD_BODIES)
+
+
+class Corrupting(httpx.MockTransport):
+    """Forwards each request to the simulator over HTTP and lets `corrupt(request, body)` rewrite the body."""
+
+    def __init__(self, corrupt: Callable[[httpx.Request, bytes], bytes | None]):
+        self.upstream = httpx.Client()
+        self.corrupt = corrupt
+        super().__init__(self.forward)
+
+    def forward(self, request: httpx.Request) -> httpx.Response:
+        upstream = self.upstream.send(request)
+        body = upstream.read()
+        if upstream.status_code == 200:
+            body = self.corrupt(request, body) or body
+        return httpx.Response(upstream.status_code, content=body, headers={"content-type": "application/json"})
+
+
+def first_page(request: httpx.Request) -> bool:
+    params = request.url.params
+    return "after" not in params and params.get("tenant_only") != "true"
+
+
+def inject(body: bytes, items: list) -> bytes:
+    page = json.loads(body)
+    page["data"] = items + page["data"]
+    return json.dumps(page).replace(json.dumps(OVERFLOW), "1e400").encode()
+
+
+def as_parsed(item: object) -> object:
+    """The item as a JSON parser reads it from the body (1e400 becomes infinity)."""
+    return json.loads(json.dumps(item).replace(json.dumps(OVERFLOW), "1e400"))
+
+
+def run(server, url: str, transport: httpx.BaseTransport, **overrides):
+    settings = settings_for(server, url, **overrides)
+    warehouse = Warehouse(url)
+    try:
+        return sync.run_sources(settings, warehouse, settings.sources, transport=transport)
+    finally:
+        warehouse.dispose()
+
+
+def rejected_rows(url: str) -> list[tuple[str, str]]:
+    warehouse = Warehouse(url)
+    try:
+        with warehouse.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text("SELECT raw_text, reason FROM rejected_events"))]
+    finally:
+        warehouse.dispose()
+
+
+@pytest.fixture(autouse=True)
+def key_env(monkeypatch):
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
+
+
+def test_bad_items_are_kept_or_quarantined_never_lost(simulator, db_url):
+    server = simulator(events=1200, seed=41)
+    items = [item for _, item in KEPT] + [DUPLICATE] + [item for _, item in REJECTED]
+    transport = Corrupting(lambda request, body: inject(body, items) if first_page(request) else None)
+    [summary] = run(server, db_url, transport)
+
+    kept = {item["id"]: item for _, item in KEPT}
+    served = {e["id"]: e for e in server.sim.events}
+    assert stored_events(db_url) == {**served, **kept}
+    assert summary.events_new == len(served) + len(kept)
+    assert summary.rejected == len(REJECTED)
+    assert summary.mismatches["api_key.created"] == 1 and summary.mismatches["rate_limit.updated"] == 1
+    assert scalar(db_url, "SELECT rejected FROM sync_runs") == len(REJECTED)
+    assert (
+        scalar(db_url, "SELECT max_requests_per_1_minute FROM rate_limit_events WHERE event_id = 'bad-bigint'") is None
+    )
+    assert scalar(db_url, "SELECT title FROM project_events WHERE event_id = 'bad-huge'") == HUGE
+    assert scalar(db_url, "SELECT actor_type FROM audit_events WHERE id = 'bad-null-actor'") is None
+
+    quarantined = rejected_rows(db_url)
+    assert len(quarantined) == len(REJECTED)
+    for name, item in REJECTED:
+        [reason] = [r for text, r in quarantined if json.loads(text) == as_parsed(item)]
+        assert reason, name
+    reasons = {json.loads(text).get("id"): r for text, r in quarantined if isinstance(json.loads(text), dict)}
+    assert "NUL" in reasons["rej-nul"] and "surrogate" in reasons["rej-surrogate"]
+    assert "out of range" in reasons["rej-overflow"] and "duplicate" in reasons["bad-null-actor"]
+
+    # A rerun is served the same page again: nothing is stored twice.
+    [summary] = run(server, db_url, transport)
+    assert summary.events_new == 0 and summary.rejected == len(REJECTED)
+    assert len(rejected_rows(db_url)) == len(REJECTED)
+    assert len(stored_events(db_url)) == len(served) + len(kept)
+
+
+def test_concatenated_json_documents_in_one_body(simulator, tmp_path):
+    """Seen in production: a body made of several JSON documents, one after the other."""
+    server = simulator(events=900, seed=42)
+    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+
+    def split(request: httpx.Request, body: bytes) -> bytes:
+        page = json.loads(body)
+        half = len(page["data"]) // 2
+        head = {"object": "list", "data": page["data"][:half], "has_more": True}
+        return (json.dumps(head) + "\n" + json.dumps({**page, "data": page["data"][half:]})).encode()
+
+    [summary] = run(server, url, Corrupting(split))
+    assert summary.rejected == 0
+    assert stored_events(url) == {e["id"]: e for e in server.sim.events}
+
+
+BAD_BODIES = {
+    "malformed JSON": b'{"object": "list", "data": [{"id": "x", "type": ',
+    "a page without data": b'{"object": "list", "has_more": false}',
+    "an error object with status 200": b'{"error": {"message": "internal", "type": "server_error"}}',
+    "has_more without a cursor": b'{"object": "list", "data": [], "has_more": true, "last_id": null}',
+    "HTML": b"<html><body>Service Unavailable \xff</body></html>",
+}
+
+
+def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulator, tmp_path, monkeypatch):
+    """A page that never parses has no cursor beyond it: its body goes to rejected_events, the run fails
+    with one line (exit 7), the checkpoint stays. One run per kind of bad body, each at the same page;
+    the run after the API recovers is exact."""
+    monkeypatch.setattr(sync, "BATCH_EVENTS", 100)  # a commit per page: all pages before the bad one land
+    server = simulator(events=700, seed=43)
+    stream = [e for e in server.sim.events if not is_tenant_scoped(e["type"])]
+    poisoned = stream[199]["id"]  # the cursor of the third page
+    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    served_body = None
+
+    def corrupt(request: httpx.Request, body: bytes) -> bytes | None:
+        return served_body if request.url.params.get("after") == poisoned else None
+
+    for number, (kind, served_body) in enumerate(BAD_BODIES.items(), 1):
+        with pytest.raises(BadResponseError) as caught:
+            run(server, url, Corrupting(corrupt), max_retries=1)
+        assert caught.value.exit_code == 7
+        assert "\n" not in str(caught.value) and "unusable response body" in str(caught.value), kind
+        quarantined = dict(rejected_rows(url))
+        assert len(quarantined) == number
+        assert quarantined[served_body.decode("utf-8", "replace")].startswith("unusable page"), kind
+        assert scalar(url, "SELECT count(*) FROM sync_runs WHERE status = 'failed' AND rejected = 1") == number
+        assert scalar(url, "SELECT count(*) FROM sync_state WHERE checkpoint IS NOT NULL") == 0
+        assert scalar(url, "SELECT sweep_cursor FROM sync_state WHERE key = 'default'") == poisoned
+        assert set(stored_events(url)) == {e["id"] for e in stream[:200]}  # the pages before it, whole
+
+    served_body = None
+    [summary] = run(server, url, Corrupting(corrupt))
+    assert summary.events_new == 700 - 200
+    assert stored_events(url) == {e["id"]: e for e in server.sim.events}
+
+
+def test_a_transiently_bad_body_is_retried_not_quarantined(simulator, tmp_path):
+    server = simulator(events=600, seed=44)
+    seen = []
+
+    def corrupt(request: httpx.Request, body: bytes) -> bytes | None:
+        seen.append((request.url.params.get("after"), request.url.params.get("tenant_only")))
+        return body[: len(body) // 3] if seen.count(seen[-1]) <= 2 else None  # each page: twice bad, then good
+
+    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    [summary] = run(server, url, Corrupting(corrupt), max_retries=2)
+    assert summary.retries == 2 * summary.pages and summary.rejected == 0
+    assert rejected_rows(url) == []
+    assert stored_events(url) == {e["id"]: e for e in server.sim.events}

@@ -1,0 +1,100 @@
+"""Crash safety: `audit-ingest run` (and `backfill`) SIGKILLed at random moments and rerun, again and again,
+ends with exactly the simulator's events in the warehouse: the same ids, each once, `raw` as served.
+
+CI kills each run 6 times; `pytest tests/test_crash.py --crash-kills=25` (or AUDIT_INGEST_CRASH_KILLS=25)
+is the full test (README, "Guarantees").
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support import KEY, cli, scalar, stored_events
+
+# The simulator answers each request this much later, so that a run lasts seconds and a kill can land
+# anywhere in it: before the first commit, between commits, during one.
+LATENCY = 0.01
+
+
+@pytest.fixture
+def kills(request) -> int:
+    return request.config.getoption("--crash-kills")
+
+
+def kill_repeatedly(server, url: str, env: dict, args: list[str], kills: int, log: Path, between=None) -> list[int]:
+    """Starts `audit-ingest *args` and SIGKILLs it after a random number of API requests plus a random
+    fraction of a request, until `kills` kills hit a running process; `between()` runs after each run.
+
+    Returns the number of stored events after each kill, which must never shrink: a commit is forever.
+    """
+    rng = random.Random()
+    stored: list[int] = []
+    while len(stored) < kills:
+        start = server.sim.requests
+        target = rng.randint(1, 100)
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ingest", *args], env=env, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and server.sim.requests - start < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 2 * LATENCY))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            stored.append(scalar(url, "SELECT count(*) FROM audit_events"))
+            assert stored == sorted(stored), f"stored events shrank after a kill: {stored}"
+        else:
+            assert proc.returncode == 0, log.read_text()
+            if between is None:
+                pytest.fail(f"the run finished after only {len(stored)} kills: give it more events")
+        if between:
+            between(killed=proc.returncode == -signal.SIGKILL)
+    return stored
+
+
+def assert_exact(server, url: str) -> None:
+    stored = stored_events(url)
+    served = {e["id"]: e for e in server.sim.events}
+    assert stored.keys() == served.keys()
+    assert stored == served
+    assert scalar(url, "SELECT count(DISTINCT id) FROM audit_events") == len(served)
+
+
+def test_run_killed_at_random_moments_ends_exact(simulator, tmp_path, kills):
+    server = simulator(events=max(30_000, 2_000 * kills), seed=21, latency=LATENCY)
+    url = f"duckdb:///{tmp_path / 'crash.duckdb'}"
+    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}
+    rng = random.Random(21)
+
+    def between(killed: bool) -> None:
+        server.sim.append(rng.randint(0, 150) if killed else 2_000)  # a finished run: give the next one work
+        server.sim.append(rng.randint(0, 30), late_by=rng.randint(1, 600))  # late, within the lookback
+
+    stored = kill_repeatedly(server, url, env, ["run"], kills, tmp_path / "stderr.log", between)
+    print(f"\nrun: {kills} kills survived; events stored at each kill: {stored}; {len(server.sim.events)} served")
+    assert stored[-1] < len(server.sim.events)
+    result = cli("run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert_exact(server, url)
+    assert scalar(url, "SELECT count(*) FROM sync_state WHERE sweep_lte IS NOT NULL") == 0
+
+
+def test_backfill_killed_at_random_moments_ends_exact(simulator, tmp_path, kills):
+    server = simulator(events=max(30_000, 5_000 * kills), seed=22, latency=LATENCY)
+    url = f"duckdb:///{tmp_path / 'crash.duckdb'}"
+    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}
+    since = str(min(e["effective_at"] for e in server.sim.events))
+    args = ["backfill", "--since", since, "--workers", "2"]
+    stored = kill_repeatedly(server, url, env, args, kills, tmp_path / "stderr.log")
+    print(f"\nbackfill: {kills} kills survived; events stored at each kill: {stored}")
+    result = cli(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert_exact(server, url)

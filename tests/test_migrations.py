@@ -1,0 +1,175 @@
+"""Migrations: Alembic builds exactly the declared model, an upgrade from every earlier revision keeps the
+data (and re-derives typed rows from `raw`), and `db rebuild-typed` restores typed rows from `raw`."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from support import KEY, cli, settings_for
+
+from ingest import model, store
+from ingest.store import Warehouse
+from ingest.sync import run_sources
+
+
+def scripts() -> ScriptDirectory:
+    config = Config()
+    config.set_main_option("script_location", str(store.MIGRATIONS))
+    return ScriptDirectory.from_config(config)
+
+
+EARLIER = [r.revision for r in scripts().walk_revisions() if r.revision != scripts().get_current_head()]
+
+
+def test_head_revision_constant_is_alembics_head():
+    assert scripts().get_current_head() == store.HEAD_REVISION
+    assert EARLIER  # the upgrade test below has something to upgrade from
+
+
+def duckdb_catalog(path) -> dict[str, tuple]:
+    """table -> (columns, constraints, indexes) from DuckDB's own catalog: SQLAlchemy's inspector cannot
+    reflect DuckDB (duckdb-engine 0.17 queries pg_catalog tables DuckDB lacks under SQLAlchemy 2.1)."""
+    with duckdb.connect(str(path), read_only=True) as conn:
+        catalog: dict[str, tuple] = {}
+        for (table,) in conn.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall():
+            columns = conn.execute(
+                "SELECT column_name, data_type, is_nullable, column_default FROM duckdb_columns()"
+                " WHERE table_name = ? ORDER BY column_index",
+                [table],
+            ).fetchall()
+            constraints = conn.execute(
+                "SELECT constraint_type, constraint_column_names, referenced_table, referenced_column_names"
+                " FROM duckdb_constraints() WHERE table_name = ? ORDER BY 1, 2",
+                [table],
+            ).fetchall()
+            indexes = conn.execute(
+                "SELECT sql FROM duckdb_indexes() WHERE table_name = ? ORDER BY 1", [table]
+            ).fetchall()
+            catalog[table] = (columns, constraints, indexes)
+    return catalog
+
+
+def upgraded(url: str) -> None:
+    warehouse = Warehouse(url)
+    try:
+        warehouse.upgrade()
+    finally:
+        warehouse.dispose()
+
+
+def test_migrations_build_exactly_the_model_on_duckdb(tmp_path):
+    migrated, declared = tmp_path / "migrated.duckdb", tmp_path / "declared.duckdb"
+    upgraded(f"duckdb:///{migrated}")
+    engine = sa.create_engine(f"duckdb:///{declared}", poolclass=sa.pool.NullPool)
+    model.metadata.create_all(engine)
+    engine.dispose()
+    built = duckdb_catalog(migrated)
+    assert built.pop("alembic_version")
+    assert set(built) == set(model.metadata.tables)
+    assert built == duckdb_catalog(declared)
+
+
+def test_migrations_build_exactly_the_model_on_postgresql(pg_database):
+    database, admin = pg_database
+    admin('CREATE SCHEMA "migrations_exact"')
+    url = database.update_query_dict({"options": "-csearch_path=migrations_exact"})
+    upgraded(url.render_as_string(hide_password=False))
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            assert compare_metadata(context, model.metadata) == []
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def snapshot(url: str, tables) -> dict[str, list[dict]]:
+    """Every row of the tables, in primary-key order."""
+    warehouse = Warehouse(url)
+    try:
+        with warehouse.connect() as conn:
+            return {
+                t.name: [dict(r) for r in conn.execute(sa.select(t).order_by(*t.primary_key.columns)).mappings()]
+                for t in tables
+            }
+    finally:
+        warehouse.dispose()
+
+
+def sync(server, url: str) -> None:
+    settings = settings_for(server, url)
+    warehouse = Warehouse(url)
+    try:
+        run_sources(settings, warehouse, settings.sources)
+    finally:
+        warehouse.dispose()
+
+
+def copy_rows(source_url: str, target_url: str) -> None:
+    """Copies the source's rows into the tables and columns the target has (an older revision has fewer)."""
+    rows = snapshot(source_url, model.metadata.sorted_tables)
+    warehouse = Warehouse(target_url)
+    try:
+        with warehouse.connect() as conn, conn.begin():
+            present: dict[str, set[str]] = {}
+            for table, column in conn.exec_driver_sql(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+            ):
+                present.setdefault(table, set()).add(column)
+            for table in model.metadata.sorted_tables:
+                names = [c.name for c in table.columns if c.name in present.get(table.name, ())]
+                if names and rows[table.name]:
+                    older = sa.Table(table.name, sa.MetaData(), *(sa.Column(n, table.c[n].type) for n in names))
+                    json = {n for n in names if isinstance(table.c[n].type, sa.JSON)}  # the write path takes JSON text
+                    values = [{n: model.dumps(r[n]) if n in json else r[n] for n in names} for r in rows[table.name]]
+                    store.insert_rows(conn, older, values)
+    finally:
+        warehouse.dispose()
+
+
+@pytest.mark.parametrize("revision", EARLIER)
+def test_upgrade_from_an_earlier_revision_keeps_the_data(revision, simulator, db_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
+    reference = f"duckdb:///{tmp_path / 'reference.duckdb'}"  # the same events synced at the head revision
+    sync(simulator(events=600, seed=11), reference)
+
+    old = Warehouse(db_url)
+    old.upgrade(revision)
+    old.dispose()
+    copy_rows(reference, db_url)
+    result = cli("db", "upgrade", env={"AUDIT_INGEST_DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(store.HEAD_REVISION)
+
+    expected = snapshot(reference, model.metadata.sorted_tables)
+    assert all(expected[t.name] for t in (model.audit_events, *model.TYPED_TABLES))
+    # Every row of every table, checkpoints included; the typed rows re-derived from raw.
+    assert snapshot(db_url, model.metadata.sorted_tables) == expected
+
+
+def test_rebuild_typed_restores_typed_rows_from_raw(simulator, db_url, monkeypatch):
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
+    sync(simulator(events=600, seed=12), db_url)
+    before = snapshot(db_url, model.TYPED_TABLES)
+    assert all(before.values())
+    warehouse = Warehouse(db_url)
+    try:
+        with warehouse.connect() as conn, conn.begin():
+            for table in reversed(model.TYPED_TABLES):  # as a model change would leave them: stale or missing
+                conn.execute(table.delete().where(table.c.event_id < "audit_log-8"))
+    finally:
+        warehouse.dispose()
+    assert snapshot(db_url, model.TYPED_TABLES) != before
+
+    result = cli("db", "rebuild-typed", env={"AUDIT_INGEST_DATABASE_URL": db_url})
+    assert result.returncode == 0, result.stderr
+    assert "600 events" in result.stdout
+    assert snapshot(db_url, model.TYPED_TABLES) == before
