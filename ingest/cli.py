@@ -286,10 +286,11 @@ def _print_table(rows: list[dict], title: str) -> None:
         console.print(f"{title}: nothing yet")
         return
     table = Table(title=title, title_justify="left")
-    for name in rows[0]:
+    names = [n for n in rows[0] if any(row[n] not in (None, "") for row in rows)]  # terminals are narrow
+    for name in names:
         table.add_column(name, overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row.values()))
+        table.add_row(*("" if row[n] is None else str(row[n]) for n in names))
     console.print(table)
 
 

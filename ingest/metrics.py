@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from ingest.api import Stats
+from ingest.errors import ConfigError
 
 
 class Metrics:
@@ -39,7 +40,10 @@ class Metrics:
 
     def serve(self, port: int, addr: str) -> object:
         """Starts the /metrics HTTP server in a thread; returns the server (its `shutdown()` stops it)."""
-        server, _thread = start_http_server(port, addr, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from None
         return server
 
     def observe(self, source: str, outcome: str, *, events_new: int, stats: Stats, newest: datetime | None) -> None:

@@ -76,7 +76,7 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
                 "last success": _stamp(last["ok"].get(name)),
                 "last failure": _stamp(last["failed"].get(name))
                 + (f" ({errors[name][:80]})" if name in errors and last["failed"].get(name) else ""),
-                "backfills unfinished": "; ".join(
+                "backfill": "; ".join(
                     f"[{_when(since)}, {_when(until)}): {total - done}/{total} sweeps left"
                     for (since, until), (done, total) in sorted(backfills.get(name, {}).items())
                     if done < total

@@ -36,6 +36,9 @@ from ingest.sync import Progress, RunSummary, client_for, sync_source
 
 log = logging.getLogger("ingest.daemon")
 
+DEFAULT_INTERVAL = 300.0
+MAX_BACKOFF = 3600.0  # seconds: the longest a failing source waits between attempts (or one tick, if longer)
+
 
 class _Coalesced(logging.Filter):
     """APScheduler warns at every tick that finds the source's last run still going: that skip is the
@@ -43,9 +46,6 @@ class _Coalesced(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "maximum number of running instances" not in record.getMessage()
-
-DEFAULT_INTERVAL = 300.0
-MAX_BACKOFF = 3600.0  # seconds: the longest a failing source waits between attempts (or one tick, if longer)
 
 
 def trigger_for(interval: float | None, cron: str | None) -> tuple[BaseTrigger, float]:
@@ -109,7 +109,7 @@ class SourceJob:
             log.info("%s: run stopped; the next one resumes from its last commit", self.source.name)
         except Exception as exc:  # whatever failed: one line, and a retry after the backoff
             outcome, self.failures = "failed", self.failures + 1
-            self.skip = min(2 ** (self.failures - 1) - 1, int(MAX_BACKOFF // self.period))
+            self.skip = min(2 ** min(self.failures - 1, 30) - 1, max(0, int(MAX_BACKOFF // self.period) - 1))
             reason = str(exc) if isinstance(exc, IngestError) else f"internal error: {type(exc).__name__}: {exc}"
             log.error("%s: run failed (%d in a row): %s; next attempt in %s", self.source.name, self.failures,
                       reason, _duration((self.skip + 1) * self.period))  # fmt: skip

@@ -200,42 +200,55 @@ def _json_text(value: object) -> str:
 
 # ---------------------------------------------------------------------------------------- writes
 def insert_rows(
-    conn: sa.Connection, table: sa.Table, rows: list[dict], *, update: dict | None = None, returning: str | None = None
+    conn: sa.Connection,
+    table: sa.Table,
+    rows: list[dict],
+    *,
+    update: dict | None = None,
+    returning: str | None = None,
+    absent: bool = False,
 ) -> list:
-    """Insert-if-absent (or upsert with `update(excluded) -> set_`), one statement; returns `returning` values."""
+    """Insert-if-absent (or upsert with `update(excluded) -> set_`), one statement; returns `returning` values.
+
+    `absent`: the rows are known to be new (typed rows of events this transaction inserted), so a plain
+    INSERT does: DuckDB's conflict check costs more than the insert of a typed table's rows.
+    """
     if not rows:
         return []
     names = tuple(c.name for c in table.columns if c.name in rows[0])
     if conn.dialect.name == "duckdb":
-        return _insert_duckdb(conn, table, names, rows, update, returning)
+        return _insert_duckdb(conn, table, names, rows, update, returning, absent)
     # Primary-key order: concurrent ingesters (source_lock = false) then lock rows in one order, never deadlock.
     source = _stage(conn, table, names, rows).order_by(*[sa.column(c.name) for c in table.primary_key])
-    result = conn.execute(_insert(table, names, source, update, returning))
+    result = conn.execute(_insert(table, names, source, update, returning, absent))
     return [r[0] for r in result] if returning else []
 
 
-def _insert(table: sa.Table, names: tuple[str, ...], source: sa.Select, update, returning: str | None) -> sa.Insert:
+def _insert(table: sa.Table, names: tuple[str, ...], source: sa.Select, update, returning, absent) -> sa.Insert:
     stmt = pg_insert(table).from_select(names, source)
-    stmt = (
-        stmt.on_conflict_do_update(index_elements=[c.name for c in table.primary_key], set_=update(stmt.excluded))
-        if update
-        else stmt.on_conflict_do_nothing()
-    )
+    if update:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[c.name for c in table.primary_key], set_=update(stmt.excluded)
+        )
+    elif not absent:
+        stmt = stmt.on_conflict_do_nothing()
     return stmt.returning(table.c[returning]) if returning else stmt
 
 
-def _insert_duckdb(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict], update, returning):
+def _insert_duckdb(
+    conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict], update, returning, absent
+):
     import pyarrow as pa
 
     # The statement's text is compiled once per shape: duckdb-engine turns SQLAlchemy's statement cache off,
     # and compiling an upsert costs more than inserting a batch. `update` must depend on the table and the
     # columns only (true of `_newest_wins` and `save_state`'s), as its code object stands for it in the key.
     translate = conn.get_execution_options().get("schema_translate_map")
-    key = (table, names, update and update.__code__, returning, translate and tuple(translate.items()))
+    key = (table, names, update and update.__code__, returning, absent, translate and tuple(translate.items()))
     sql = _DUCKDB_SQL.get(key)
     if sql is None:
         source = sa.select(*map(sa.column, names)).select_from(sa.table("_batch"))
-        compiled = _insert(table, names, source, update, returning).compile(
+        compiled = _insert(table, names, source, update, returning, absent).compile(
             dialect=conn.dialect, schema_translate_map=translate, render_schema_translate=bool(translate)
         )
         sql = _DUCKDB_SQL[key] = str(compiled)
@@ -252,7 +265,7 @@ def _insert_duckdb(conn: sa.Connection, table: sa.Table, names: tuple[str, ...],
 _DUCKDB_SQL: dict[tuple, str] = {}
 
 
-def _stage(conn: sa.Connection, table: sa.Table, names: list[str], rows: list[dict]) -> sa.Select:
+def _stage(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict]) -> sa.Select:
     """PostgreSQL: COPY the rows into the session's temporary twin of `table`; selects them from it.
 
     COPY is PostgreSQL's bulk path: a multi-row INSERT of a 5,000-event batch spends seconds in psycopg's
@@ -321,7 +334,7 @@ def save_batch(conn: sa.Connection, batch: model.Batch) -> set[str]:
     if new:
         for table in model.TYPED_TABLES:
             rows = [r for r in batch.typed.get(table.name, ()) if r["event_id"] in new]
-            insert_rows(conn, table, rows)
+            insert_rows(conn, table, rows, absent=True)
     for table in model.DIMENSIONS:
         rows = list(batch.dimensions.get(table.name, {}).values())
         if rows:
@@ -369,7 +382,7 @@ def rebuild_typed(conn: sa.Connection, chunk: int = 5000) -> int:
             if family is not None:
                 model.typed_rows(batch.typed, family, row.id, raw.get(raw["type"]))
         for table in model.TYPED_TABLES:
-            insert_rows(conn, table, batch.typed[table.name])
+            insert_rows(conn, table, batch.typed[table.name], absent=True)
         count += len(rows)
         last = rows[-1].id
 

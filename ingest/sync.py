@@ -326,8 +326,7 @@ def sweep(
     while True:
         try:
             for pages in _batches(_prefetch(fetch_pages(client, query, state["sweep_cursor"]))):
-                with lock:
-                    _save(conn, state, pages, summary)
+                _save(conn, state, pages, summary, lock)
                 if on_progress:
                     on_progress(summary)
                 if stop.is_set():
@@ -351,29 +350,30 @@ def sweep(
             raise
 
 
-def _save(conn: sa.Connection, state: dict, pages: list[Page], summary: RunSummary) -> None:
+def _save(conn: sa.Connection, state: dict, pages: list[Page], summary: RunSummary, lock: threading.Lock) -> None:
     events = [e for p in pages for e in p.events]
     rejected = [r for p in pages for r in p.rejected]
     batch = model.normalise(events, state["source"], store.now())
-    with conn.begin():
-        new = store.save_batch(conn, batch)
-        if rejected:
-            store.save_rejected(conn, state["source"], rejected)
-        state["sweep_cursor"] = pages[-1].last_id
-        store.save_state(conn, state)
-    summary.pages += len(pages)
-    summary.events_seen += len(events)
-    summary.events_new += len(new)
-    summary.rejected += len(rejected)
-    mismatches = Counter(t for event_id, t in batch.mismatches.items() if event_id in new)  # replays: counted once
-    summary.mismatches.update(mismatches)
-    if events and state["key"] in summary.coverage:  # newest first: everything after the oldest event is done
-        done, width = summary.coverage[state["key"]]
-        oldest = min(e["effective_at"] for e in events)
-        summary.coverage[state["key"]] = (max(done, min(width, state["sweep_lte"] - oldest)), width)
-    for kind in mismatches.keys() - _mismatch_logged:
-        _mismatch_logged.add(kind)
-        log.warning("payload of %s does not match its declared shape; stored what fits (raw JSON kept)", kind)
+    with lock:  # normalised outside: concurrent sweeps overlap all but their writes
+        with conn.begin():
+            new = store.save_batch(conn, batch)
+            if rejected:
+                store.save_rejected(conn, state["source"], rejected)
+            state["sweep_cursor"] = pages[-1].last_id
+            store.save_state(conn, state)
+        summary.pages += len(pages)
+        summary.events_seen += len(events)
+        summary.events_new += len(new)
+        summary.rejected += len(rejected)
+        mismatches = Counter(t for event_id, t in batch.mismatches.items() if event_id in new)  # replays: counted once
+        summary.mismatches.update(mismatches)
+        if events and state["key"] in summary.coverage:  # newest first: everything after the oldest event is done
+            done, width = summary.coverage[state["key"]]
+            oldest = min(e["effective_at"] for e in events)
+            summary.coverage[state["key"]] = (max(done, min(width, state["sweep_lte"] - oldest)), width)
+        for kind in mismatches.keys() - _mismatch_logged:
+            _mismatch_logged.add(kind)
+            log.warning("payload of %s does not match its declared shape; stored what fits (raw JSON kept)", kind)
 
 
 _mismatch_logged: set[str] = set()  # once per type per process

@@ -168,10 +168,10 @@ def test_bad_items_are_kept_or_quarantined_never_lost(simulator, db_url):
     assert len(stored_events(db_url)) == len(served) + len(kept)
 
 
-def test_concatenated_json_documents_in_one_body(simulator, tmp_path):
+def test_concatenated_json_documents_in_one_body(simulator, db_url):
     """Seen in production: a body made of several JSON documents, one after the other."""
     server = simulator(events=900, seed=42)
-    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    url = db_url
 
     def split(request: httpx.Request, body: bytes) -> bytes:
         page = json.loads(body)
@@ -193,7 +193,7 @@ BAD_BODIES = {
 }
 
 
-def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulator, tmp_path, monkeypatch):
+def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulator, db_url, monkeypatch):
     """A page that never parses has no cursor beyond it: its body goes to rejected_events, the run fails
     with one line (exit 7), the checkpoint stays. One run per kind of bad body, each at the same page;
     the run after the API recovers is exact."""
@@ -201,7 +201,7 @@ def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulat
     server = simulator(events=700, seed=43)
     stream = [e for e in server.sim.events if not is_tenant_scoped(e["type"])]
     poisoned = stream[199]["id"]  # the cursor of the third page
-    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    url = db_url
     served_body = None
 
     def corrupt(request: httpx.Request, body: bytes) -> bytes | None:
@@ -226,7 +226,7 @@ def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulat
     assert stored_events(url) == {e["id"]: e for e in server.sim.events}
 
 
-def test_a_transiently_bad_body_is_retried_not_quarantined(simulator, tmp_path):
+def test_a_transiently_bad_body_is_retried_not_quarantined(simulator, db_url):
     server = simulator(events=600, seed=44)
     seen = []
 
@@ -234,7 +234,7 @@ def test_a_transiently_bad_body_is_retried_not_quarantined(simulator, tmp_path):
         seen.append((request.url.params.get("after"), request.url.params.get("tenant_only")))
         return body[: len(body) // 3] if seen.count(seen[-1]) <= 2 else None  # each page: twice bad, then good
 
-    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    url = db_url
     [summary] = run(server, url, Corrupting(corrupt), max_retries=2)
     assert summary.retries == 2 * summary.pages and summary.rejected == 0
     assert rejected_rows(url) == []

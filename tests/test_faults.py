@@ -117,10 +117,10 @@ def fail_api(server, how: str) -> None:
      ("429ms", RateLimitedError)],
 )  # fmt: skip
 def test_api_down_mid_run_past_the_retry_budget_fails_clearly_then_resumes(
-    simulator, tmp_path, small_batches, how, error
+    simulator, db_url, small_batches, how, error
 ):
     server = simulator(events=3000, seed=32)
-    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    url = db_url
     commits = []
 
     def on_progress(summary):
@@ -150,9 +150,9 @@ def test_api_down_mid_run_past_the_retry_budget_fails_clearly_then_resumes(
     assert_exact(server.sim, url)
 
 
-def test_api_unreachable_from_the_cli_is_one_line_exit_6_and_the_checkpoint_stays(simulator, tmp_path):
+def test_api_unreachable_from_the_cli_is_one_line_exit_6_and_the_checkpoint_stays(simulator, tmp_path, db_url):
     server = simulator(events=500, seed=33)
-    url = f"duckdb:///{tmp_path / 'w.duckdb'}"
+    url = db_url
     config = tmp_path / "fast-retries.toml"
     config.write_text("max_retries = 1\nretry_base_delay = 0.01\n")
     env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}

@@ -147,7 +147,7 @@ def test_status_matches_the_warehouse(simulator, db_url, tmp_path, key_env):
     assert row["checkpoint"] == datetime.fromtimestamp(checkpoint, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     assert row["last success"] == ok.strftime("%Y-%m-%d %H:%M:%S")
     assert row["last failure"].startswith(failed.strftime("%Y-%m-%d %H:%M:%S")) and "403" in error
-    assert row["backfills unfinished"].endswith(": 4/4 sweeps left")  # 2 slices x 2 streams
+    assert row["backfill"].endswith(": 4/4 sweeps left")  # 2 slices x 2 streams
     assert "retention" in row["warning"]
 
 
