@@ -7,6 +7,7 @@ that a run with nothing to do starts fast.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -63,7 +64,11 @@ def _settings(ctx: click.Context, **overrides):
 def _warehouse(settings):
     from ingest.store import Warehouse
 
-    return Warehouse(settings.database_url, settings.db_schema)
+    warehouse = Warehouse(settings.database_url, settings.db_schema)
+    # The heavy imports are done: their objects need no garbage collection, neither during the run nor
+    # at exit, where it takes a third of a second, a third of a run with nothing to do.
+    gc.freeze()
+    return warehouse
 
 
 @cli.command()

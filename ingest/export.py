@@ -152,13 +152,14 @@ def _batches(
     if conn.dialect.name == "duckdb":
         table = f'"{schema}".audit_events' if schema else "audit_events"
         names = ", ".join(f'"{c.name}"' for c in events.columns)
-        cursor = conn.connection.cursor()
-        cursor.execute(
+        # A relation's reader streams (an executed cursor's would copy every row first).
+        relation = conn.connection.driver_connection.sql(
             f"SELECT {names} FROM {table} WHERE effective_at >= ? AND effective_at < ? ORDER BY effective_at, id",
-            [since, until],
+            params=[since, until],
         )
-        for batch in cursor.to_arrow_reader(CHUNK):
-            yield batch.cast(arrow_schema)  # DuckDB's FLOAT is 32-bit
+        with relation.to_arrow_reader(CHUNK) as reader:
+            for batch in reader:
+                yield batch.cast(arrow_schema)  # DuckDB's FLOAT is 32-bit
         return
     import pyarrow as pa
 

@@ -19,24 +19,18 @@ from ingest.errors import ConfigError
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ["source"]
-        self.events = Counter("audit_ingest_events_ingested", "Events stored (new ones only).", labels,
-                              registry=self.registry)  # fmt: skip
-        self.runs = Counter(
-            "audit_ingest_runs",
-            "Sync runs that ended (ok or failed; not those stopped).",
-            labels,
-            registry=self.registry,
-        )
-        self.failures = Counter("audit_ingest_run_failures", "Sync runs that failed.", labels, registry=self.registry)
-        self.retries = Counter("audit_ingest_retries", "API requests retried.", labels, registry=self.registry)
-        self.rate_limited = Counter("audit_ingest_rate_limit_wait_seconds", "Time spent waiting on rate limits.",
-                                    labels, registry=self.registry)  # fmt: skip
-        self.last_success = Gauge("audit_ingest_last_success_timestamp_seconds", "End of the last successful run.",
-                                  labels, registry=self.registry)  # fmt: skip
-        self.lag = Gauge("audit_ingest_lag_seconds", "Now minus the newest stored event.", labels,
-                         registry=self.registry)  # fmt: skip
-        self._newest: dict[str, float] = {}
+
+        def metric(kind: type, name: str, text: str):
+            return kind(name, text, ["source"], registry=self.registry)
+
+        self.events = metric(Counter, "audit_ingest_events_ingested", "Events stored (new ones only).")
+        self.runs = metric(Counter, "audit_ingest_runs", "Sync runs that ended ok or failed.")
+        self.failures = metric(Counter, "audit_ingest_run_failures", "Sync runs that failed.")
+        self.retries = metric(Counter, "audit_ingest_retries", "API requests retried.")
+        self.rate_limited = metric(Counter, "audit_ingest_rate_limit_wait_seconds", "Time spent waiting on 429s.")
+        self.last_success = metric(Gauge, "audit_ingest_last_success_timestamp_seconds", "End of the last ok run.")
+        self.lag = metric(Gauge, "audit_ingest_lag_seconds", "Now minus the newest stored event.")
+        self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
 
     def serve(self, port: int, addr: str) -> object:
         """Starts the /metrics HTTP server in a thread; returns the server (its `shutdown()` stops it)."""
@@ -47,12 +41,12 @@ class Metrics:
         return server
 
     def observe(self, source: str, outcome: str, *, events_new: int, stats: Stats, newest: datetime | None) -> None:
-        """One run that ended `ok`, `failed` or `interrupted`: its new events (those of its committed batches),
-        its client's stats, and the newest stored event (None when the warehouse was not read)."""
+        """One run that ended `ok`, `failed`, `interrupted` or `skipped`: its new events (those of its committed
+        batches), its client's stats, and the newest stored event (None when the warehouse was not read)."""
         self.events.labels(source).inc(events_new)
         self.retries.labels(source).inc(stats.retries)
         self.rate_limited.labels(source).inc(stats.rate_limit_wait)
-        if outcome != "interrupted":
+        if outcome in ("ok", "failed"):
             self.runs.labels(source).inc()
         if outcome == "ok":
             self.last_success.labels(source).set(time.time())

@@ -104,7 +104,7 @@ class SourceJob:
                 summary = sync_source(warehouse, client, self.source, self.settings, stop=self.stop,
                                       on_progress=on_progress)  # fmt: skip
             log.info("%s", summary.line())
-            outcome, self.failures, self.skip = "ok", 0, 0
+            outcome, self.failures, self.skip = summary.status, 0, 0  # ok, or skipped: another process syncs it
         except Interrupted:
             log.info("%s: run stopped; the next one resumes from its last commit", self.source.name)
         except Exception as exc:  # whatever failed: one line, and a retry after the backoff

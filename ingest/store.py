@@ -35,6 +35,11 @@ _ARROW_TYPES = {
 }
 
 
+# A writer's DuckDB settings (a URL's query string overrides them). At the default 16 MB of WAL, DuckDB
+# checkpoints every few batches, and each checkpoint rewrites the tables' indexes: most of a first run's
+# time. The memory limit keeps a long run's footprint flat: DuckDB spills to a temporary file beyond it.
+DUCKDB_CONFIG = {"checkpoint_threshold": "256MB", "memory_limit": "256MB", "threads": 1}
+
 LOCK_POLL_SECONDS = 1.0  # a waiting ingester retries the lock this often
 
 
@@ -67,6 +72,8 @@ class Warehouse:
             kwargs["connect_args"] = {"read_only": True}
         elif read_only:
             kwargs["execution_options"] = {"postgresql_readonly": True}
+        elif self.dialect == "duckdb":
+            kwargs["connect_args"] = {"config": DUCKDB_CONFIG}
         try:
             self.engine = sa.create_engine(url_obj, **kwargs)
         except (sa.exc.ArgumentError, ImportError, sa.exc.NoSuchModuleError) as exc:
@@ -238,8 +245,6 @@ def _insert(table: sa.Table, names: tuple[str, ...], source: sa.Select, update, 
 def _insert_duckdb(
     conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict], update, returning, absent
 ):
-    import pyarrow as pa
-
     # The statement's text is compiled once per shape: duckdb-engine turns SQLAlchemy's statement cache off,
     # and compiling an upsert costs more than inserting a batch. `update` must depend on the table and the
     # columns only (true of `_newest_wins` and `save_state`'s), as its code object stands for it in the key.
@@ -252,6 +257,16 @@ def _insert_duckdb(
             dialect=conn.dialect, schema_translate_map=translate, render_schema_translate=bool(translate)
         )
         sql = _DUCKDB_SQL[key] = str(compiled)
+    if len(rows) * len(names) <= _BOUND_VALUES:
+        # A few values (a sweep's state, a quiet run's events) go as parameters: binding is slow per value,
+        # but a run with nothing new then never imports pyarrow (a tenth of its start-up).
+        columns = ", ".join(f'"{n}"' for n in names)
+        values = ", ".join(["(" + ", ".join("?" * len(names)) + ")"] * len(rows))
+        params = tuple(row[n] for row in rows for n in names)
+        result = conn.exec_driver_sql(f"WITH _batch ({columns}) AS (VALUES {values}) {sql}", params)
+        return result.scalars().all() if returning else []
+    import pyarrow as pa
+
     schema = pa.schema([(n, _arrow_type(table.c[n].type)) for n in names])
     driver = conn.connection.driver_connection
     driver.register("_batch", pa.Table.from_pylist(rows, schema=schema))
@@ -262,6 +277,7 @@ def _insert_duckdb(
         driver.unregister("_batch")
 
 
+_BOUND_VALUES = 100
 _DUCKDB_SQL: dict[tuple, str] = {}
 
 

@@ -27,10 +27,10 @@ def start_daemon(server, path: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def stop(proc: subprocess.Popen) -> tuple[int, float, str]:
-    """SIGTERM; (exit code, seconds until exit, stderr)."""
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> tuple[int, float, str]:
+    """Sends the signal; (exit code, seconds until exit, stderr)."""
     sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)
     return proc.returncode, time.monotonic() - sent, stderr.decode()
 
@@ -79,8 +79,15 @@ def test_daemon_picks_up_new_events_leaves_the_file_readable_and_stops_on_sigter
 
     wait_for(lambda: metric(port, "audit_ingest_events_ingested_total") == 535, 10, proc)
     assert metric(port, "audit_ingest_runs_total") >= 2
+    # The newest event is read after each run (a run whose read found the file held by this test keeps the
+    # previous value); the lag is computed from it at scrape time.
     newest = max(e["effective_at"] for e in server.sim.events)
-    assert abs(metric(port, "audit_ingest_lag_seconds") - (time.time() - newest)) < 5
+
+    def lag_is_right() -> bool:
+        lag = metric(port, "audit_ingest_lag_seconds")
+        return lag is not None and abs(lag - (time.time() - newest)) < 5
+
+    wait_for(lag_is_right, 10, proc)
 
     code, seconds, stderr = stop(proc)
     assert code == 0 and seconds < 5, stderr
@@ -140,7 +147,7 @@ def test_failing_api_backs_off_then_the_next_run_recovers(simulator, tmp_path):
     wait_for(lambda: metric(port, "audit_ingest_last_success_timestamp_seconds") is not None, 10, proc)
     assert metric(port, "audit_ingest_run_failures_total") == 3
     assert metric(port, "audit_ingest_events_ingested_total") == 300
-    code, _, stderr = stop(proc)
+    code, _, stderr = stop(proc, signal.SIGINT)  # Ctrl-C
     assert code == 0
     failures = [line for line in stderr.splitlines() if "run failed" in line]
     assert len(failures) == 3 and all("401" in line for line in failures), stderr
@@ -158,7 +165,6 @@ def test_bad_schedules_are_configuration_errors(simulator, tmp_path):
     for args, message in [
         (["--interval", "5 minutes"], "bad --interval"),
         (["--cron", "*/5 * * *"], "bad --cron"),
-        (["--interval", "1m", "--cron", "* * * * *"], "not both"),
     ]:
         result = cli("daemon", *args, env=env, timeout=30)
         assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr

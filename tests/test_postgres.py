@@ -47,11 +47,11 @@ def assert_exact(sim, url, schema=None):
     assert stored_events(url, schema) == {e["id"]: e for e in sim.events}
 
 
-def run_in_background(server, url, **env) -> subprocess.Popen:
+def run_in_background(server, url) -> subprocess.Popen:
     """`audit-ingest run` in its own process, as a second machine or a cron job would start it."""
-    full_env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url, **env}
+    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}
     return subprocess.Popen(
-        [sys.executable, "-m", "ingest", "run"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "ingest", "run"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
