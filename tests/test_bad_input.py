@@ -73,11 +73,6 @@ REJECTED = [
 ]  # fmt: skip
 
 
-def bad_inputs_tried() -> int:
-    """For the Guarantees figures: items above plus the page-level cases below."""
-    return len(KEPT) + 1 + len(REJECTED) + 1 + len(BAD_BODIES)
-
-
 class Corrupting(httpx.MockTransport):
     """Forwards each request to the simulator over HTTP and lets `corrupt(request, body)` rewrite the body."""
 
@@ -182,6 +177,24 @@ def test_concatenated_json_documents_in_one_body(simulator, db_url):
     [summary] = run(server, url, Corrupting(split))
     assert summary.rejected == 0
     assert stored_events(url) == {e["id"]: e for e in server.sim.events}
+
+
+def test_an_event_served_again_on_a_later_page_is_stored_once_as_first_served(simulator, db_url):
+    """Pages of one batch repeating an id, changed: the first copy wins, typed rows included (as it would
+    across batches, where the stored event is never replaced)."""
+    server = simulator(events=700, seed=45)
+    stream = [e for e in server.sim.events if not is_tenant_scoped(e["type"])]
+    first = stream[0]
+    changed = {"id": first["id"], "type": "user.added", "effective_at": first["effective_at"],
+               "user.added": {"id": "user_changed", "role": "owner"}}  # fmt: skip
+
+    def repeat(request: httpx.Request, body: bytes) -> bytes | None:
+        return inject(body, [changed]) if request.url.params.get("after") == stream[99]["id"] else None
+
+    [summary] = run(server, db_url, Corrupting(repeat))
+    assert summary.rejected == 0 and summary.events_new == 700
+    assert stored_events(db_url) == {e["id"]: e for e in server.sim.events}
+    assert scalar(db_url, f"SELECT count(*) FROM user_events WHERE event_id = '{first['id']}'") == 0
 
 
 BAD_BODIES = {

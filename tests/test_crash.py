@@ -21,7 +21,7 @@ from support import KEY, cli, scalar, stored_events
 from ingest.store import Warehouse
 
 # The simulator answers each request this much later: a run lasts seconds even on a fast machine.
-LATENCY = 0.01
+LATENCY = 0.005
 
 
 @pytest.fixture
