@@ -278,7 +278,9 @@ def table(measures: list[Measure]) -> str:
     rows += [m.row() for m in measures]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
-        "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        "  ".join(
+            c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
         for r in rows
     ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
