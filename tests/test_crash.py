@@ -22,6 +22,8 @@ from ingest.store import Warehouse
 
 # The simulator answers each request this much later: a run lasts seconds even on a fast machine.
 LATENCY = 0.005
+# A backfill's workers fetch in parallel: it needs more time per page to outlast its kills.
+BACKFILL_LATENCY = 0.03
 
 
 @pytest.fixture
@@ -109,7 +111,7 @@ def test_run_killed_at_random_moments_ends_exact(simulator, tmp_path, kills):
 
 
 def test_backfill_killed_at_random_moments_ends_exact(simulator, tmp_path, kills):
-    server = simulator(events=max(30_000, 5_000 * kills), seed=22, latency=LATENCY)
+    server = simulator(events=max(40_000, 8_000 * kills), seed=22, latency=BACKFILL_LATENCY)
     url = f"duckdb:///{tmp_path / 'crash.duckdb'}"
     env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}
     since = str(min(e["effective_at"] for e in server.sim.events))
