@@ -5,11 +5,10 @@ from dataclasses import dataclass
 
 import pytest
 import sqlalchemy as sa
-from support import settings_for
+from support import sync
 
 from ingest.simulator import Simulator, SimulatorServer
-from ingest.store import Warehouse
-from ingest.sync import RunSummary, run_sources
+from ingest.sync import RunSummary
 
 SIMULATOR_KEY = "sk-admin-test"
 
@@ -114,10 +113,5 @@ def synced_10k(tmp_path_factory) -> Synced:
         pytest.MonkeyPatch.context() as mp,
     ):
         mp.setenv("OPENAI_ADMIN_KEY", SIMULATOR_KEY)
-        settings = settings_for(server, url)
-        warehouse = Warehouse(url)
-        try:
-            [summary] = run_sources(settings, warehouse, settings.sources)
-        finally:
-            warehouse.dispose()
+        [summary] = sync(server, url)
         return Synced(url, server.sim.events, summary)

@@ -23,6 +23,18 @@ def settings_for(server, database_url: str, **overrides):
     return load_settings(None, **values)
 
 
+def sync(server, database_url: str, **overrides) -> list:
+    """One incremental sync of every source, in this process; the run summaries."""
+    from ingest.sync import run_sources
+
+    settings = settings_for(server, database_url, **overrides)
+    warehouse = Warehouse(settings.database_url, settings.db_schema)
+    try:
+        return run_sources(settings, warehouse, settings.sources)
+    finally:
+        warehouse.dispose()
+
+
 def stored_events(database_url: str, schema: str | None = None) -> dict[str, dict]:
     """id -> raw event, read back from the warehouse."""
     warehouse = Warehouse(database_url, schema)

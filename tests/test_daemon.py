@@ -13,10 +13,9 @@ from pathlib import Path
 import duckdb
 import httpx
 import pytest
-from support import KEY, cli, scalar, settings_for, stored_events
+from support import KEY, cli, scalar, stored_events, sync
 
-from ingest.store import Warehouse
-from ingest.sync import PREFETCH_PAGES, run_sources
+from ingest.sync import PREFETCH_PAGES
 
 
 def start_daemon(server, path: Path, *args: str) -> subprocess.Popen:
@@ -115,12 +114,7 @@ def test_sigterm_during_a_run_exits_0_after_committing_the_current_batch(simulat
     assert server.sim.requests - pages <= PREFETCH_PAGES + 1
     monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
     server.sim.latency = 0
-    settings = settings_for(server, url)
-    warehouse = Warehouse(url)
-    try:
-        [summary] = run_sources(settings, warehouse, settings.sources)
-    finally:
-        warehouse.dispose()
+    [summary] = sync(server, url)
     assert summary.events_new == 3000 - stored
     assert set(stored_events(url)) == {e["id"] for e in server.sim.events}
 

@@ -10,11 +10,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from support import KEY, cli, settings_for
+from support import KEY, cli, sync
 
 from ingest import model, store
 from ingest.store import Warehouse
-from ingest.sync import run_sources
 
 
 def scripts() -> ScriptDirectory:
@@ -100,15 +99,6 @@ def snapshot(url: str, tables) -> dict[str, list[dict]]:
                 t.name: [dict(r) for r in conn.execute(sa.select(t).order_by(*t.primary_key.columns)).mappings()]
                 for t in tables
             }
-    finally:
-        warehouse.dispose()
-
-
-def sync(server, url: str) -> None:
-    settings = settings_for(server, url)
-    warehouse = Warehouse(url)
-    try:
-        run_sources(settings, warehouse, settings.sources)
     finally:
         warehouse.dispose()
 

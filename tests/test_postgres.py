@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import KEY, cli, scalar, settings_for, stored_events
+from support import KEY, cli, scalar, stored_events, sync
 
 from ingest import model, store
 from ingest.simulator import Simulator
 from ingest.store import Warehouse
-from ingest.sync import run_sources
 
 postgresql_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 SKIPPED = "default: skipped, another ingester is syncing it"
@@ -32,15 +31,6 @@ SKIPPED = "default: skipped, another ingester is syncing it"
 @pytest.fixture
 def key_env(monkeypatch):
     monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
-
-
-def sync(server, url, **overrides):
-    settings = settings_for(server, url, **overrides)
-    warehouse = Warehouse(settings.database_url, settings.db_schema)
-    try:
-        return run_sources(settings, warehouse, settings.sources)
-    finally:
-        warehouse.dispose()
 
 
 def assert_exact(sim, url, schema=None):

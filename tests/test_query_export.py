@@ -16,26 +16,17 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from support import KEY, cli, settings_for
+from support import KEY, cli, settings_for, sync
 
 from ingest import model
 from ingest.errors import IngestError
 from ingest.store import Warehouse
-from ingest.sync import backfill, run_sources
+from ingest.sync import backfill
 
 
 @pytest.fixture
 def key_env(monkeypatch):
     monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
-
-
-def sync(server, url, **overrides):
-    settings = settings_for(server, url, **overrides)
-    warehouse = Warehouse(url)
-    try:
-        return run_sources(settings, warehouse, settings.sources)
-    finally:
-        warehouse.dispose()
 
 
 def select(url: str, query) -> list:

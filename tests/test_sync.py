@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from support import KEY, cli, scalar, settings_for, stored_events
+from support import KEY, cli, scalar, settings_for, stored_events, sync
 
 from ingest.model import is_tenant_scoped
 from ingest.store import Warehouse
@@ -19,15 +19,6 @@ from ingest.sync import run_sources
 @pytest.fixture
 def key_env(monkeypatch):
     monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
-
-
-def sync(server, url, **overrides):
-    settings = settings_for(server, url, **overrides)
-    warehouse = Warehouse(settings.database_url)
-    try:
-        return run_sources(settings, warehouse, settings.sources)
-    finally:
-        warehouse.dispose()
 
 
 def assert_exact(sim, url):
