@@ -227,6 +227,7 @@ def demo(ctx: click.Context, events: int, database: str) -> None:
         second = run_sources(settings, warehouse, settings.sources)[0]
         click.echo("second run: " + second.line() + "  (25 new events were appended in between)")
     for title, rows in demo_summary(warehouse):
+        click.echo()
         _print_table(rows, title=title)
     click.echo(f"\nExplore it: duckdb {database.removeprefix('duckdb:///')}   or   "
                f"AUDIT_INGEST_DATABASE_URL={database} audit-ingest status")  # fmt: skip
