@@ -23,14 +23,14 @@ def settings_for(server, database_url: str, **overrides):
     return load_settings(None, **values)
 
 
-def sync(server, database_url: str, **overrides) -> list:
-    """One incremental sync of every source, in this process; the run summaries."""
+def sync(server, database_url: str, *, transport=None, on_progress=None, **overrides) -> list:
+    """One incremental sync of every source, in this process; the run summaries. `overrides` are settings."""
     from ingest.sync import run_sources
 
     settings = settings_for(server, database_url, **overrides)
     warehouse = Warehouse(settings.database_url, settings.db_schema)
     try:
-        return run_sources(settings, warehouse, settings.sources)
+        return run_sources(settings, warehouse, settings.sources, transport=transport, on_progress=on_progress)
     finally:
         warehouse.dispose()
 

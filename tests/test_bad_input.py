@@ -13,9 +13,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 import sqlalchemy as sa
-from support import KEY, scalar, settings_for, stored_events
+from support import KEY, scalar, stored_events, sync
 
-from ingest import sync
+import ingest.sync
 from ingest.errors import BadResponseError
 from ingest.model import is_tenant_scoped
 from ingest.store import Warehouse
@@ -105,15 +105,6 @@ def as_parsed(item: object) -> object:
     return json.loads(json.dumps(item).replace(json.dumps(OVERFLOW), "1e400"))
 
 
-def run(server, url: str, transport: httpx.BaseTransport, **overrides):
-    settings = settings_for(server, url, **overrides)
-    warehouse = Warehouse(url)
-    try:
-        return sync.run_sources(settings, warehouse, settings.sources, transport=transport)
-    finally:
-        warehouse.dispose()
-
-
 def rejected_rows(url: str) -> list[tuple[str, str]]:
     warehouse = Warehouse(url)
     try:
@@ -132,7 +123,7 @@ def test_bad_items_are_kept_or_quarantined_never_lost(simulator, db_url):
     server = simulator(events=1200, seed=41)
     items = [item for _, item in KEPT] + [DUPLICATE] + [item for _, item in REJECTED]
     transport = Corrupting(lambda request, body: inject(body, items) if first_page(request) else None)
-    [summary] = run(server, db_url, transport)
+    [summary] = sync(server, db_url, transport=transport)
 
     kept = {item["id"]: item for _, item in KEPT}
     served = {e["id"]: e for e in server.sim.events}
@@ -157,7 +148,7 @@ def test_bad_items_are_kept_or_quarantined_never_lost(simulator, db_url):
     assert "out of range" in reasons["rej-overflow"] and "duplicate" in reasons["bad-null-actor"]
 
     # A rerun is served the same page again: nothing is stored twice.
-    [summary] = run(server, db_url, transport)
+    [summary] = sync(server, db_url, transport=transport)
     assert summary.events_new == 0 and summary.rejected == len(REJECTED)
     assert len(rejected_rows(db_url)) == len(REJECTED)
     assert len(stored_events(db_url)) == len(served) + len(kept)
@@ -174,7 +165,7 @@ def test_concatenated_json_documents_in_one_body(simulator, db_url):
         head = {"object": "list", "data": page["data"][:half], "has_more": True}
         return (json.dumps(head) + "\n" + json.dumps({**page, "data": page["data"][half:]})).encode()
 
-    [summary] = run(server, url, Corrupting(split))
+    [summary] = sync(server, url, transport=Corrupting(split))
     assert summary.rejected == 0
     assert stored_events(url) == {e["id"]: e for e in server.sim.events}
 
@@ -191,7 +182,7 @@ def test_an_event_served_again_on_a_later_page_is_stored_once_as_first_served(si
     def repeat(request: httpx.Request, body: bytes) -> bytes | None:
         return inject(body, [changed]) if request.url.params.get("after") == stream[99]["id"] else None
 
-    [summary] = run(server, db_url, Corrupting(repeat))
+    [summary] = sync(server, db_url, transport=Corrupting(repeat))
     assert summary.rejected == 0 and summary.events_new == 700
     assert stored_events(db_url) == {e["id"]: e for e in server.sim.events}
     assert scalar(db_url, f"SELECT count(*) FROM user_events WHERE event_id = '{first['id']}'") == 0
@@ -210,7 +201,7 @@ def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulat
     """A page that never parses has no cursor beyond it: its body goes to rejected_events, the run fails
     with one line (exit 7), the checkpoint stays. One run per kind of bad body, each at the same page;
     the run after the API recovers is exact."""
-    monkeypatch.setattr(sync, "BATCH_EVENTS", 100)  # a commit per page: all pages before the bad one land
+    monkeypatch.setattr(ingest.sync, "BATCH_EVENTS", 100)  # a commit per page: all pages before the bad one land
     server = simulator(events=700, seed=43)
     stream = [e for e in server.sim.events if not is_tenant_scoped(e["type"])]
     poisoned = stream[199]["id"]  # the cursor of the third page
@@ -222,7 +213,7 @@ def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulat
 
     for number, (kind, served_body) in enumerate(BAD_BODIES.items(), 1):
         with pytest.raises(BadResponseError) as caught:
-            run(server, url, Corrupting(corrupt), max_retries=1)
+            sync(server, url, transport=Corrupting(corrupt), max_retries=1)
         assert caught.value.exit_code == 7
         assert "\n" not in str(caught.value) and "unusable response body" in str(caught.value), kind
         quarantined = dict(rejected_rows(url))
@@ -234,7 +225,7 @@ def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulat
         assert set(stored_events(url)) == {e["id"] for e in stream[:200]}  # the pages before it, whole
 
     served_body = None
-    [summary] = run(server, url, Corrupting(corrupt))
+    [summary] = sync(server, url, transport=Corrupting(corrupt))
     assert summary.events_new == 700 - 200
     assert stored_events(url) == {e["id"]: e for e in server.sim.events}
 
@@ -248,7 +239,7 @@ def test_a_transiently_bad_body_is_retried_not_quarantined(simulator, db_url):
         return body[: len(body) // 3] if seen.count(seen[-1]) <= 2 else None  # each page: twice bad, then good
 
     url = db_url
-    [summary] = run(server, url, Corrupting(corrupt), max_retries=2)
+    [summary] = sync(server, url, transport=Corrupting(corrupt), max_retries=2)
     assert summary.retries == 2 * summary.pages and summary.rejected == 0
     assert rejected_rows(url) == []
     assert stored_events(url) == {e["id"]: e for e in server.sim.events}

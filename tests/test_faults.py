@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import KEY, cli, scalar, settings_for, stored_events
+from support import KEY, cli, scalar, stored_events, sync
 
-from ingest import sync
+import ingest.sync
 from ingest.errors import ApiUnavailableError, DatabaseError, RateLimitedError
 from ingest.model import is_tenant_scoped
 from ingest.simulator import ALL_FAULTS, SimulatorServer
@@ -32,16 +32,7 @@ def key_env(monkeypatch):
 @pytest.fixture
 def small_batches(monkeypatch):
     """Several commits per run, so that a failure can land between two."""
-    monkeypatch.setattr(sync, "BATCH_EVENTS", 300)
-
-
-def sync_once(server, url: str, on_progress=None, **overrides):
-    settings = settings_for(server, url, **overrides)
-    warehouse = Warehouse(url)
-    try:
-        return sync.run_sources(settings, warehouse, settings.sources, on_progress=on_progress)
-    finally:
-        warehouse.dispose()
+    monkeypatch.setattr(ingest.sync, "BATCH_EVENTS", 300)
 
 
 def assert_exact(sim, url: str) -> None:
@@ -90,7 +81,7 @@ def assert_whole_commits(sim, url: str) -> None:
 
 def test_every_kind_of_fault_at_15_percent_ends_exact(simulator, db_url):
     server = simulator(events=12_000, seed=31, fault_rate=0.15, faults=ALL_FAULTS)
-    [summary] = sync_once(server, db_url)
+    [summary] = sync(server, db_url)
     injected = dict(server.sim.faults_injected)
     assert all(injected[kind] > 0 for kind in ALL_FAULTS), injected
     assert summary.retries == sum(injected.values()) - injected["slow"]  # slow answers are not failures
@@ -98,7 +89,7 @@ def test_every_kind_of_fault_at_15_percent_ends_exact(simulator, db_url):
     # New and late events, still with faults: the next run takes them, once.
     server.sim.append(250)
     server.sim.append(40, late_by=400)
-    [summary] = sync_once(server, db_url)
+    [summary] = sync(server, db_url)
     assert summary.events_new == 290
     assert_exact(server.sim, db_url)
     print(f"\nfaults injected over {server.sim.requests} requests: {server.sim.faults_injected}")
@@ -128,7 +119,7 @@ def test_api_down_mid_run_past_the_retry_budget_fails_clearly_then_resumes(
             fail_api(server, how)
 
     with pytest.raises(error) as caught:
-        sync_once(server, url, on_progress=on_progress, max_retries=2)
+        sync(server, url, on_progress=on_progress, max_retries=2)
     message = str(caught.value)
     assert "\n" not in message and "after 2 retries" in message
     partial = len(stored_events(url))
@@ -142,7 +133,7 @@ def test_api_down_mid_run_past_the_retry_budget_fails_clearly_then_resumes(
     server.sim.fault_rate = 0.0
     server.sim.append(60)
     try:
-        [summary] = sync_once(server, url)
+        [summary] = sync(server, url)
     finally:
         server.stop()
     assert summary.events_new == 3060 - partial
@@ -250,7 +241,7 @@ def test_postgresql_connection_killed_mid_run_fails_clearly_then_resumes(simulat
             )
 
     with pytest.raises(DatabaseError) as caught:
-        sync_once(server, url, on_progress=on_progress)
+        sync(server, url, on_progress=on_progress)
     assert "\n" not in str(caught.value) and "database error" in str(caught.value)
     partial = len(stored_events(url))
     assert 0 < partial < 3000
@@ -260,12 +251,12 @@ def test_postgresql_connection_killed_mid_run_fails_clearly_then_resumes(simulat
     admin(f'ALTER DATABASE "{database.database}" SET default_transaction_read_only = on')
     try:
         with pytest.raises(DatabaseError, match="read-only"):
-            sync_once(server, url)
+            sync(server, url)
     finally:
         admin(f'ALTER DATABASE "{database.database}" RESET default_transaction_read_only')
     assert len(stored_events(url)) == partial
 
     server.sim.append(20)
-    [summary] = sync_once(server, url)
+    [summary] = sync(server, url)
     assert summary.events_new == 3020 - partial
     assert_exact(server.sim, url)

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import yaml
-from support import KEY, scalar, settings_for, stored_events
+from support import KEY, scalar, stored_events, sync
 
-from ingest import model, sync
+import ingest.sync
+from ingest import model
 from ingest.store import Warehouse
+from ingest.sync import RunSummary
 
 SPEC = Path(model.__file__).parent / "spec" / "openai-audit-logs.openapi.yaml"
 SPEC_TYPES = {"string": "str", "integer": "int", "boolean": "bool", "object": "object"}
@@ -199,15 +201,10 @@ def staged(n: str, event_type: str, payload, at: int) -> dict:
     return {"id": f"staged-{n}", "type": event_type, "effective_at": at, "actor": actor, event_type: payload}
 
 
-def sync_once(server, url: str, caplog) -> sync.RunSummary:
-    settings = settings_for(server, url)
-    warehouse = Warehouse(url)
+def sync_once(server, url: str, caplog) -> RunSummary:
     caplog.clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="ingest.sync"):
-            [summary] = sync.run_sources(settings, warehouse, settings.sources)
-    finally:
-        warehouse.dispose()
+    with caplog.at_level(logging.WARNING, logger="ingest.sync"):
+        [summary] = sync(server, url)
     return summary
 
 
@@ -217,7 +214,7 @@ def mismatch_warnings(caplog) -> list[str]:
 
 def test_payloads_that_do_not_fit_land_and_are_counted_once_per_type(simulator, db_url, monkeypatch, caplog):
     monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
-    monkeypatch.setattr(sync, "_mismatch_logged", set())  # "once per type" is per process
+    monkeypatch.setattr(ingest.sync, "_mismatch_logged", set())  # "once per type" is per process
     server = simulator(events=200, seed=5)
     at = int(time.time()) - 600
     bad = [
