@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import random
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -236,13 +235,15 @@ def parse_page(body: bytes) -> Page:
 
 
 # orjson reads integers beyond 64 bits as floats (silently inexact): bodies with such long digit runs
-# go to the stdlib parser, which keeps them exact.
-_LONG_NUMBER = re.compile(rb"\d{19}")
+# go to the stdlib parser, which keeps them exact. Found as a run of zeros once every digit is a zero:
+# twenty times faster than a regular expression, which was half the parse time of a page.
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_NUMBER = b"0" * 19
 
 
 def _json_documents(body: bytes) -> tuple[list, bool]:
     """One JSON document, or several concatenated (seen in production); and whether the stdlib parsed them."""
-    if not _LONG_NUMBER.search(body):
+    if _LONG_NUMBER not in body.translate(_DIGITS_TO_ZERO):
         try:
             return [orjson.loads(body)], False
         except orjson.JSONDecodeError:

@@ -36,10 +36,11 @@ log = logging.getLogger("ingest.sync")
 
 # Pages are committed together, up to this many events or this many seconds after the batch's first
 # page: a DuckDB commit costs tens of milliseconds, a page of the real API a few hundred. A kill loses at
-# most the uncommitted batch, which the rerun fetches again.
+# most the uncommitted batches, which the rerun fetches again.
 BATCH_EVENTS = 5000
 BATCH_SECONDS = 1.0
-PREFETCH_PAGES = 8
+# Three threads overlap: downloading (this many pages ahead), normalising (one batch ahead), writing.
+PREFETCH_PAGES = 50
 
 
 @dataclass
@@ -326,8 +327,9 @@ def sweep(
     lock = lock or threading.Lock()
     while True:
         try:
-            for pages in _batches(_prefetch(fetch_pages(client, query, state["sweep_cursor"]))):
-                _save(conn, state, pages, summary, lock)
+            pages = _ahead(fetch_pages(client, query, state["sweep_cursor"]), PREFETCH_PAGES)
+            for batch in _ahead(_normalised(_batches(pages), state["source"]), 1):
+                _save(conn, state, batch, summary, lock)
                 if on_progress:
                     on_progress(summary)
                 if stop.is_set():
@@ -351,27 +353,49 @@ def sweep(
             raise
 
 
-def _save(conn: sa.Connection, state: dict, pages: list[Page], summary: RunSummary, lock: threading.Lock) -> None:
-    events = [e for p in pages for e in p.events]
-    rejected = [r for p in pages for r in p.rejected]
-    batch = model.normalise(events, state["source"], store.now())
-    with lock:  # normalised outside: concurrent sweeps overlap all but their writes
+@dataclass
+class _Batch:
+    """Pages normalised together, and what `_save` needs of them once their events are rows."""
+
+    rows: model.Batch
+    pages: int
+    events: int
+    rejected: list[tuple[str, str]]
+    cursor: str | None
+    oldest: int | None  # the smallest effective_at: newest first, everything after it is done
+
+
+def _normalised(groups: Iterator[list[Page]], source: str) -> Iterator[_Batch]:
+    for pages in groups:
+        events = [e for p in pages for e in p.events]
+        yield _Batch(
+            model.normalise(events, source, store.now()),
+            len(pages),
+            len(events),
+            [r for p in pages for r in p.rejected],
+            pages[-1].last_id,
+            min((e["effective_at"] for e in events), default=None),
+        )
+
+
+def _save(conn: sa.Connection, state: dict, batch: _Batch, summary: RunSummary, lock: threading.Lock) -> None:
+    with lock:  # concurrent sweeps (backfill slices) overlap all but their writes
         with conn.begin():
-            new = store.save_batch(conn, batch)
-            if rejected:
-                store.save_rejected(conn, state["source"], rejected)
-            state["sweep_cursor"] = pages[-1].last_id
+            new = store.save_batch(conn, batch.rows)
+            if batch.rejected:
+                store.save_rejected(conn, state["source"], batch.rejected)
+            state["sweep_cursor"] = batch.cursor
             store.save_state(conn, state)
-        summary.pages += len(pages)
-        summary.events_seen += len(events)
+        summary.pages += batch.pages
+        summary.events_seen += batch.events
         summary.events_new += len(new)
-        summary.rejected += len(rejected)
-        mismatches = Counter(t for event_id, t in batch.mismatches.items() if event_id in new)  # replays: counted once
+        summary.rejected += len(batch.rejected)
+        # Replays: counted once.
+        mismatches = Counter(t for event_id, t in batch.rows.mismatches.items() if event_id in new)
         summary.mismatches.update(mismatches)
-        if events and state["key"] in summary.coverage:  # newest first: everything after the oldest event is done
+        if batch.oldest is not None and state["key"] in summary.coverage:
             done, width = summary.coverage[state["key"]]
-            oldest = min(e["effective_at"] for e in events)
-            summary.coverage[state["key"]] = (max(done, min(width, state["sweep_lte"] - oldest)), width)
+            summary.coverage[state["key"]] = (max(done, min(width, state["sweep_lte"] - batch.oldest)), width)
         for kind in mismatches.keys() - _mismatch_logged:
             _mismatch_logged.add(kind)
             log.warning("payload of %s does not match its declared shape; stored what fits (raw JSON kept)", kind)
@@ -395,8 +419,8 @@ def _batches(pages: Iterator[Page]) -> Iterator[list[Page]]:
         yield group
 
 
-def _prefetch(pages: Iterator[Page], depth: int = PREFETCH_PAGES) -> Iterator[Page]:
-    """Downloads ahead in a thread while the caller writes."""
+def _ahead(items: Iterator, depth: int) -> Iterator:
+    """`items`, produced in a thread up to `depth` ahead of the caller (whose writes release the GIL)."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     cancelled = threading.Event()
     end = object()
@@ -411,15 +435,15 @@ def _prefetch(pages: Iterator[Page], depth: int = PREFETCH_PAGES) -> Iterator[Pa
 
     def produce() -> None:
         try:
-            for page in pages:
-                put(page)
+            for item in items:
+                put(item)
                 if cancelled.is_set():
                     return
             put(end)
         except BaseException as exc:  # handed to the consumer, which raises it
             put(exc)
 
-    threading.Thread(target=produce, name="prefetch", daemon=True).start()
+    threading.Thread(target=produce, name="ahead", daemon=True).start()
     try:
         while (item := slots.get()) is not end:
             if isinstance(item, BaseException):
