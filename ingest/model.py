@@ -18,6 +18,7 @@ mismatch: the spec makes every payload field optional.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -369,6 +370,7 @@ projects = sa.Table(
 )  # fmt: skip
 # Dimension tables: the newest event decides the mutable attributes.
 DIMENSIONS = (users, service_accounts, api_keys, projects)
+_DIMENSION_KEYS = {t.name: tuple(c.name for c in t.columns) for t in DIMENSIONS}
 
 sync_state = sa.Table(
     "sync_state",
@@ -468,22 +470,27 @@ class Batch:
 
     events: list[dict] = field(default_factory=list)
     typed: dict[str, list[dict]] = field(default_factory=dict)
-    dimensions: dict[str, dict[str, dict]] = field(default_factory=dict)  # table -> id -> row
+    dimensions: dict[str, list[dict]] = field(default_factory=dict)  # a row per id
     mismatches: dict[str, str] = field(default_factory=dict)  # event id -> type, of payloads that did not fit
 
 
 def normalise(events: list[dict], source: str, ingested_at: datetime) -> Batch:
     """Rows of `events`; an id seen twice (pages of one batch may repeat an event) keeps its first event."""
-    batch = Batch(typed={t.name: [] for t in TYPED_TABLES}, dimensions={t.name: {} for t in DIMENSIONS})
-    seen: set[str] = set()
+    batch = Batch(typed={t.name: [] for t in TYPED_TABLES})
+    ids: set[str] = set()
+    seen: dict[str, dict[str, dict]] = {t.name: {} for t in DIMENSIONS}  # table -> id -> row
     for event in events:
-        if event["id"] not in seen:
-            seen.add(event["id"])
-            _add_event(batch, event, source, ingested_at)
+        if event["id"] not in ids:
+            ids.add(event["id"])
+            _add_event(batch, seen, event, source, ingested_at)
+    # One set of keys per table: an attribute is missing where no event had it.
+    batch.dimensions = {
+        name: [{k: r.get(k) for k in _DIMENSION_KEYS[name]} for r in rows.values()] for name, rows in seen.items()
+    }
     return batch
 
 
-def _add_event(batch: Batch, event: dict, source: str, ingested_at: datetime) -> None:
+def _add_event(batch: Batch, seen: dict, event: dict, source: str, ingested_at: datetime) -> None:
     at = to_datetime(event["effective_at"])
     payload = event.get(event["type"])
     project = event.get("project") if isinstance(event.get("project"), dict) else {}
@@ -502,7 +509,6 @@ def _add_event(batch: Batch, event: dict, source: str, ingested_at: datetime) ->
     row.update(_actor_columns(event.get("actor")))
     batch.events.append(row)
 
-    seen = batch.dimensions
     if row["project_id"]:
         _see(seen["projects"], row["project_id"], at, name=row["project_name"])
     if row["actor_user_id"]:
@@ -561,14 +567,13 @@ def _see(rows: dict[str, dict], key: str, at: datetime, **attrs: Any) -> None:
 
 def typed_rows(typed: dict[str, list[dict]], family: Family, event_id: str, payload: Any) -> bool:
     """Appends what fits to `typed`; returns True when the payload did not fit its declaration (never raises)."""
-    row = {"event_id": event_id, **dict.fromkeys(c.name for c in family.columns)}  # same keys in every row
+    shape = _shape(family)
+    row = {"event_id": event_id, **shape.empty}  # same keys in every row
     typed[family.table].append(row)
     if not isinstance(payload, dict):
         return payload is not None
     scopes, mismatch = [payload], False
-    for key in WRAPPERS:
-        if _declared(family, key):
-            continue  # a free-form object: stored whole in its own column
+    for key in shape.wrappers:
         inner = payload.get(key)
         if isinstance(inner, dict):
             scopes.append(inner)
@@ -597,12 +602,26 @@ def typed_rows(typed: dict[str, list[dict]], family: Family, event_id: str, payl
                 bad = True
             mismatch |= bad
             typed[lst.table].append(child)
-    known = {c.field for c in family.columns} | {lst.field for lst in family.lists} | set(WRAPPERS)
-    return mismatch or any(k not in known for scope in scopes for k in scope)
+    return mismatch or any(k not in shape.known for scope in scopes for k in scope)
 
 
-def _declared(family: Family, name: str) -> bool:
-    return any(c.field == name and c.type == "object" for c in family.columns)
+@dataclass(frozen=True)
+class _Shape:
+    """What `typed_rows` derives from a family's declaration, once per family."""
+
+    empty: dict  # column -> None
+    wrappers: tuple[str, ...]  # the wrappers whose fields are flattened (not a column of their own)
+    known: frozenset[str]  # the payload keys the declaration knows
+
+
+@functools.cache
+def _shape(family: Family) -> _Shape:
+    whole = {c.field for c in family.columns if c.type == "object"}  # free-form objects, stored whole
+    return _Shape(
+        dict.fromkeys(c.name for c in family.columns),
+        tuple(w for w in WRAPPERS if w not in whole),
+        frozenset({c.field for c in family.columns} | {lst.field for lst in family.lists} | set(WRAPPERS)),
+    )
 
 
 def _lookup(scopes: list[dict], name: str) -> Any:
@@ -616,12 +635,14 @@ def _convert(value: Any, kind: str) -> tuple[Any, bool]:
     """(stored value, mismatch). Absent is not a mismatch: the spec makes every payload field optional."""
     if value is None:
         return None, False
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63,
-        "bool": isinstance(value, bool),
-        "object": isinstance(value, dict),
-    }[kind]
+    if kind == "str":
+        ok = isinstance(value, str)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, dict)
     if not ok:
         return None, True
     return (dumps(value) if kind == "object" else value), False

@@ -8,6 +8,7 @@ COPY. Every insert is insert-if-absent, so a replayed page changes nothing.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -38,9 +39,12 @@ _ARROW_TYPES = {
 # A writer's DuckDB settings (a URL's query string overrides them). At the default 16 MB of WAL, DuckDB
 # checkpoints every few batches, and each checkpoint re-compresses the whole last row group of every table
 # it touched: most of a first run's time. One thread: a second only doubles the CPU of small inserts on a
-# machine whose other core downloads. No memory limit: DuckDB cannot evict indexes that were not checkpointed
-# yet, and a 1,000,000-event first run ran out of 256 MB.
-DUCKDB_CONFIG = {"checkpoint_threshold": "256MB", "threads": 1}
+# machine whose other core downloads. A memory limit keeps a run's memory flat whatever the size of the log
+# (DuckDB's cache would otherwise grow to 80% of RAM); below 64 MB, a batch's inserts no longer fit.
+DUCKDB_CONFIG = {"checkpoint_threshold": "256MB", "threads": 1, "memory_limit": "64MB"}
+
+# Arrow's own allocator keeps freed memory for reuse: 25 MB more at the peak of a run than malloc's.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 LOCK_POLL_SECONDS = 1.0  # a waiting ingester retries the lock this often
 
@@ -211,7 +215,7 @@ def _json_text(value: object) -> str:
 def insert_rows(
     conn: sa.Connection,
     table: sa.Table,
-    rows: list[dict],
+    rows,
     *,
     update: dict | None = None,
     returning: str | None = None,
@@ -219,12 +223,15 @@ def insert_rows(
 ) -> list:
     """Insert-if-absent (or upsert with `update(excluded) -> set_`), one statement; returns `returning` values.
 
+
+    `rows`: dicts, or on DuckDB a pyarrow Table (`stage`).
     `absent`: the rows are known to be new (typed rows of events this transaction inserted), so a plain
     INSERT does: DuckDB's conflict check costs more than the insert of a typed table's rows.
     """
-    if not rows:
+    if not len(rows):
         return []
-    names = tuple(c.name for c in table.columns if c.name in rows[0])
+    present = rows.column_names if _is_arrow(rows) else rows[0]
+    names = tuple(c.name for c in table.columns if c.name in present)
     if conn.dialect.name == "duckdb":
         return _insert_duckdb(conn, table, names, rows, update, returning, absent)
     # Primary-key order: concurrent ingesters (source_lock = false) then lock rows in one order, never deadlock.
@@ -262,7 +269,7 @@ def _insert_duckdb(
             dialect=conn.dialect, schema_translate_map=translate, render_schema_translate=bool(translate)
         )
         sql = _DUCKDB_SQL[key] = str(compiled)
-    if len(rows) * len(names) <= _BOUND_VALUES:
+    if not _is_arrow(rows) and len(rows) * len(names) <= _BOUND_VALUES:
         # A few values (a sweep's state, a quiet run's events) go as parameters: binding is slow per value,
         # but a run with nothing new then never imports pyarrow (a tenth of its start-up).
         columns = ", ".join(f'"{n}"' for n in names)
@@ -270,12 +277,9 @@ def _insert_duckdb(
         params = tuple(row[n] for row in rows for n in names)
         result = conn.exec_driver_sql(f"WITH _batch ({columns}) AS (VALUES {values}) {sql}", params)
         return result.scalars().all() if returning else []
-    import pyarrow as pa
-
-    schema = pa.schema([(n, _arrow_type(table.c[n].type)) for n in names])
     # Found by name by DuckDB's replacement scan, which looks in the calling frame: that is why the DuckDB
     # connection is called directly. Half the cost of registering the table as a view and dropping it.
-    _batch = pa.Table.from_pylist(rows, schema=schema)  # noqa: F841
+    _batch = rows if _is_arrow(rows) else _arrow(table, rows)  # noqa: F841
     dbapi = conn.dialect.loaded_dbapi
     try:
         result = conn.connection.driver_connection.execute(sql)
@@ -363,26 +367,61 @@ def _newest_wins(table: sa.Table):
     return set_
 
 
+def stage(dialect: str, batch: model.Batch) -> model.Batch:
+    """The batch in `dialect`'s bulk form for `save_batch`. DuckDB: one Arrow table per table (a few values stay
+    rows: bound parameters), built before the first statement: Python work between DuckDB statements makes
+    each of them wait for the GIL the download thread holds meanwhile. PostgreSQL: the rows, which COPY streams."""
+    if dialect != "duckdb":
+        return batch
+    return model.Batch(
+        _arrow(model.audit_events, batch.events),
+        {name: _arrow(_TABLES[name], rows) for name, rows in batch.typed.items() if rows},
+        {name: _arrow(_TABLES[name], rows) for name, rows in batch.dimensions.items() if rows},
+        batch.mismatches,
+    )
+
+
+_TABLES = {t.name: t for t in (*model.TYPED_TABLES, *model.DIMENSIONS)}
+
+
+def _arrow(table: sa.Table, rows: list[dict]):
+    """An Arrow table of `rows`; unchanged if they are a few values."""
+    if not rows or len(rows) * len(rows[0]) <= _BOUND_VALUES:
+        return rows
+    import pyarrow as pa
+
+    names = [c.name for c in table.columns if c.name in rows[0]]
+    return pa.Table.from_pylist(rows, schema=pa.schema([(n, _arrow_type(table.c[n].type)) for n in names]))
+
+
+def _is_arrow(rows) -> bool:
+    return not isinstance(rows, list)
+
+
 def save_batch(conn: sa.Connection, batch: model.Batch) -> set[str]:
-    """Writes the batch (inside the caller's transaction); returns the ids of events that were new.
+    """Writes the batch, rows or `stage`d (inside the caller's transaction); returns the ids of new events.
 
     Typed rows are written only for new events: a replayed event already has them.
     """
     new = set(insert_rows(conn, model.audit_events, batch.events, returning="id"))
+    replayed = len(new) < len(batch.events)
     if new:
         for table in model.TYPED_TABLES:
-            rows = [r for r in batch.typed.get(table.name, ()) if r["event_id"] in new]
-            insert_rows(conn, table, rows, absent=True)
+            rows = batch.typed.get(table.name, [])
+            insert_rows(conn, table, _of(rows, new) if replayed else rows, absent=True)
     for table in model.DIMENSIONS:
-        rows = list(batch.dimensions.get(table.name, {}).values())
-        if rows:
-            insert_rows(conn, table, _uniform(rows), update=_newest_wins(table))
+        insert_rows(conn, table, batch.dimensions.get(table.name, []), update=_newest_wins(table))
     return new
 
 
-def _uniform(rows: list[dict]) -> list[dict]:
-    keys = {k for r in rows for k in r}
-    return [{k: r.get(k) for k in keys} for r in rows]
+def _of(rows, events: set[str]):
+    """The typed rows of `events`."""
+    if not _is_arrow(rows):
+        return [r for r in rows if r["event_id"] in events]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return rows.filter(pc.is_in(rows["event_id"], value_set=pa.array(list(events), pa.string())))
 
 
 def save_rejected(conn: sa.Connection, source: str, rejected: list[tuple[str, str]]) -> None:

@@ -39,7 +39,8 @@ log = logging.getLogger("ingest.sync")
 # most the uncommitted batches, which the rerun fetches again.
 BATCH_EVENTS = 5000
 BATCH_SECONDS = 1.0
-# Three threads overlap: downloading (this many pages ahead), normalising (one batch ahead), writing.
+# Downloading runs this many pages ahead in a thread of its own. Normalising stays in the writing thread: in
+# another, it would hold the GIL that each DuckDB statement needs back several times, and gain nothing.
 PREFETCH_PAGES = 50
 
 
@@ -328,8 +329,9 @@ def sweep(
     while True:
         try:
             pages = _ahead(fetch_pages(client, query, state["sweep_cursor"]), PREFETCH_PAGES)
-            for batch in _ahead(_normalised(_batches(pages), state["source"]), 1):
+            for batch in _normalised(pages, state["source"], conn.dialect.name):
                 _save(conn, state, batch, summary, lock)
+                del batch  # not kept alive while waiting for the next one
                 if on_progress:
                     on_progress(summary)
                 if stop.is_set():
@@ -365,17 +367,37 @@ class _Batch:
     oldest: int | None  # the smallest effective_at: newest first, everything after it is done
 
 
-def _normalised(groups: Iterator[list[Page]], source: str) -> Iterator[_Batch]:
-    for pages in groups:
-        events = [e for p in pages for e in p.events]
-        yield _Batch(
-            model.normalise(events, source, store.now()),
-            len(pages),
-            len(events),
-            [r for p in pages for r in p.rejected],
-            pages[-1].last_id,
-            min((e["effective_at"] for e in events), default=None),
-        )
+def _normalised(pages: Iterator[Page], source: str, dialect: str) -> Iterator[_Batch]:
+    """Pages grouped into batches (up to BATCH_EVENTS events or BATCH_SECONDS), normalised and staged together.
+
+    No reference outlives its use (`del`): a batch's pages and rows are a large part of a run's memory."""
+    group: list[Page] = []
+    size, since = 0, 0.0
+    for page in pages:
+        if not group:
+            since = time.monotonic()
+        group.append(page)
+        size += len(page.events)
+        del page
+        if size >= BATCH_EVENTS or time.monotonic() - since >= BATCH_SECONDS:
+            batch = _normalise(group, source, dialect)
+            group, size = [], 0
+            yield batch
+            del batch
+    if group:
+        yield _normalise(group, source, dialect)
+
+
+def _normalise(pages: list[Page], source: str, dialect: str) -> _Batch:
+    events = [e for p in pages for e in p.events]
+    return _Batch(
+        store.stage(dialect, model.normalise(events, source, store.now())),
+        len(pages),
+        len(events),
+        [r for p in pages for r in p.rejected],
+        pages[-1].last_id,
+        min((e["effective_at"] for e in events), default=None),
+    )
 
 
 def _save(conn: sa.Connection, state: dict, batch: _Batch, summary: RunSummary, lock: threading.Lock) -> None:
@@ -404,23 +426,8 @@ def _save(conn: sa.Connection, state: dict, batch: _Batch, summary: RunSummary, 
 _mismatch_logged: set[str] = set()  # once per type per process
 
 
-def _batches(pages: Iterator[Page]) -> Iterator[list[Page]]:
-    group: list[Page] = []
-    size, since = 0, 0.0
-    for page in pages:
-        if not group:
-            since = time.monotonic()
-        group.append(page)
-        size += len(page.events)
-        if size >= BATCH_EVENTS or time.monotonic() - since >= BATCH_SECONDS:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
-
-
 def _ahead(items: Iterator, depth: int) -> Iterator:
-    """`items`, produced in a thread up to `depth` ahead of the caller (whose writes release the GIL)."""
+    """`items`, produced in a thread up to `depth` ahead of the caller."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     cancelled = threading.Event()
     end = object()
@@ -437,6 +444,7 @@ def _ahead(items: Iterator, depth: int) -> Iterator:
         try:
             for item in items:
                 put(item)
+                del item  # not kept alive while the next one is produced
                 if cancelled.is_set():
                     return
             put(end)
@@ -449,6 +457,7 @@ def _ahead(items: Iterator, depth: int) -> Iterator:
             if isinstance(item, BaseException):
                 raise item
             yield item
+            del item  # not kept alive while waiting for the next one
     finally:
         cancelled.set()
 

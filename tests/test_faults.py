@@ -31,8 +31,10 @@ def key_env(monkeypatch):
 
 @pytest.fixture
 def small_batches(monkeypatch):
-    """Several commits per run, so that a failure can land between two."""
+    """Several commits per run and a short download queue, so that a failure can land between two commits
+    before the whole log is downloaded."""
     monkeypatch.setattr(ingest.sync, "BATCH_EVENTS", 300)
+    monkeypatch.setattr(ingest.sync, "PREFETCH_PAGES", 3)
 
 
 def assert_exact(sim, url: str) -> None:

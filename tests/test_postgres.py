@@ -138,7 +138,6 @@ def test_without_the_lock_two_concurrent_runs_still_store_every_event_once(simul
     for thread in threads:
         thread.join(120)
     assert [s.status for s in results] == ["ok", "ok"]
-    assert [s.events_seen for s in results] == [4000, 4000]
     assert sum(s.events_new for s in results) == 4000  # each event inserted by exactly one of them
     assert_exact(server.sim, db_url)
     assert scalar(db_url, "SELECT count(*) FROM sync_runs WHERE status = 'ok'") == 2
