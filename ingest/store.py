@@ -234,6 +234,12 @@ def insert_rows(
     names = tuple(c.name for c in table.columns if c.name in present)
     if conn.dialect.name == "duckdb":
         return _insert_duckdb(conn, table, names, rows, update, returning, absent)
+    if absent and not returning:  # nothing to merge: COPY straight into the table
+        from psycopg import sql
+
+        schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
+        _copy(conn, table.name, sql.Identifier(*filter(None, (schema, table.name))), names, rows)
+        return []
     # Primary-key order: concurrent ingesters (source_lock = false) then lock rows in one order, never deadlock.
     source = _stage(conn, table, names, rows).order_by(*[sa.column(c.name) for c in table.primary_key])
     result = conn.execute(_insert(table, names, source, update, returning, absent))
@@ -320,21 +326,26 @@ def _stage(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: l
         sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type.compile(dialect=conn.dialect)))
         for c in table.columns
     )
+    create = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {stage} ({columns}); TRUNCATE {stage}")
+    _copy(conn, table.name, stage, names, rows, create.format(stage=stage, columns=columns))
+    return sa.select(*[sa.column(n) for n in names]).select_from(sa.table(f"_stage_{table.name}", schema="pg_temp"))
+
+
+def _copy(conn: sa.Connection, name: str, target, names: tuple[str, ...], rows: list[dict], before=None) -> None:
+    """PostgreSQL: COPY `rows` into `target` (a psycopg identifier), after the statement `before` if any."""
+    from psycopg import sql
+
     dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.connection.driver_connection.cursor() as cursor:
-            cursor.execute(
-                sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {stage} ({columns}); TRUNCATE {stage}").format(
-                    stage=stage, columns=columns
-                )
-            )
-            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(stage, sql.SQL(", ").join(map(sql.Identifier, names)))
+            if before is not None:
+                cursor.execute(before)
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(target, sql.SQL(", ").join(map(sql.Identifier, names)))
             with cursor.copy(copy_sql) as copy:
                 for row in rows:
                     copy.write_row([row.get(n) for n in names])
     except dbapi.Error as exc:  # raw driver calls: wrap as SQLAlchemy would, for translate_errors
-        raise sa.exc.DBAPIError.instance(f"COPY into {table.name}", None, exc, dbapi.Error) from exc
-    return sa.select(*[sa.column(n) for n in names]).select_from(sa.table(f"_stage_{table.name}", schema="pg_temp"))
+        raise sa.exc.DBAPIError.instance(f"COPY into {name}", None, exc, dbapi.Error) from exc
 
 
 def _arrow_type(sql_type: sa.types.TypeEngine):

@@ -39,8 +39,9 @@ log = logging.getLogger("ingest.sync")
 # most the uncommitted batches, which the rerun fetches again.
 BATCH_EVENTS = 5000
 BATCH_SECONDS = 1.0
-# Downloading runs this many pages ahead in a thread of its own. Normalising stays in the writing thread: in
-# another, it would hold the GIL that each DuckDB statement needs back several times, and gain nothing.
+# Downloading runs this many pages ahead in a thread of its own. Normalising runs one batch ahead in another
+# thread while PostgreSQL's server works on the last one; on DuckDB it stays in the writing thread: DuckDB
+# takes the GIL back a dozen times per statement, each a wait of up to 5 ms while another thread computes.
 PREFETCH_PAGES = 50
 
 
@@ -329,7 +330,8 @@ def sweep(
     while True:
         try:
             pages = _ahead(fetch_pages(client, query, state["sweep_cursor"]), PREFETCH_PAGES)
-            for batch in _normalised(pages, state["source"], conn.dialect.name):
+            batches = _normalised(pages, state["source"], conn.dialect.name)
+            for batch in batches if conn.dialect.name == "duckdb" else _ahead(batches, 1):
                 _save(conn, state, batch, summary, lock)
                 del batch  # not kept alive while waiting for the next one
                 if on_progress:
