@@ -163,3 +163,46 @@ def test_rebuild_typed_restores_typed_rows_from_raw(simulator, db_url, monkeypat
     assert result.returncode == 0, result.stderr
     assert "600 events" in result.stdout
     assert snapshot(db_url, model.TYPED_TABLES) == before
+
+
+def migrate(url: str, action: str, revision: str) -> None:
+    """Alembic's upgrade or downgrade, on the connection Warehouse gives it (as `db upgrade` does)."""
+    from alembic import command
+
+    config = Config()
+    config.set_main_option("script_location", str(store.MIGRATIONS))
+    warehouse = Warehouse(url)
+    try:
+        with warehouse.connect() as conn, conn.begin():
+            config.attributes.update(connection=conn, schema=None)
+            getattr(command, action)(config, revision)
+    finally:
+        warehouse.dispose()
+
+
+def test_duckdb_event_tables_lose_their_keys_at_0003_and_get_them_back_on_downgrade(simulator, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
+    path = tmp_path / "keys.duckdb"
+    url = f"duckdb:///{path}"
+    sync(simulator(events=400, seed=13), url)
+    stored = snapshot(url, model.metadata.sorted_tables)
+    event_tables = {"audit_events", *(t.name for t in model.TYPED_TABLES)}
+
+    def keys() -> list[tuple[str, str]]:
+        with duckdb.connect(str(path), read_only=True) as conn:
+            rows = conn.execute(
+                "SELECT table_name, constraint_type FROM duckdb_constraints()"
+                " WHERE constraint_type IN ('PRIMARY KEY', 'FOREIGN KEY')"
+            ).fetchall()
+        return sorted(r for r in rows if r[0] in event_tables)
+
+    assert keys() == []
+    migrate(url, "downgrade", "0002")
+    assert keys() == sorted(
+        [("audit_events", "PRIMARY KEY")]
+        + [(t.name, kind) for t in model.TYPED_TABLES for kind in ("PRIMARY KEY", "FOREIGN KEY")]
+    )
+    assert snapshot(url, model.metadata.sorted_tables) == stored
+    migrate(url, "upgrade", "head")
+    assert keys() == []
+    assert snapshot(url, model.metadata.sorted_tables) == stored

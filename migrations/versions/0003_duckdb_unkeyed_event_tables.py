@@ -68,10 +68,21 @@ def _columns(table: str) -> dict[str, str]:
 
 
 def _rebuild(table: str, keys: str) -> None:
-    """`table` copied into a new table of the same columns with `keys` (constraint clauses), renamed back."""
+    """`table` replaced by a table of the same columns and rows with `keys` (constraint clauses).
+
+    DuckDB records a foreign key by table name on both of its tables and refuses to drop a table it still
+    believes referenced: a table losing its keys is copied, then dropped, and the copy renamed; a table
+    getting keys is renamed first, so that the new one has the right name from the start."""
     bind, schema = op.get_bind(), _schema()
-    old, new = f'"{schema}"."{table}"', f'"{schema}"."{table}__0003"'
-    bind.exec_driver_sql(f"CREATE TABLE {new} ({', '.join(_columns(table).values())}{keys})")
-    bind.exec_driver_sql(f"INSERT INTO {new} SELECT * FROM {old}")
-    bind.exec_driver_sql(f"DROP TABLE {old}")
-    bind.exec_driver_sql(f'ALTER TABLE {new} RENAME TO "{table}"')
+    columns = ", ".join(_columns(table).values())
+    final, aside = f'"{schema}"."{table}"', f'"{schema}"."{table}__0003"'
+    if keys:
+        bind.exec_driver_sql(f'ALTER TABLE {final} RENAME TO "{table}__0003"')
+        bind.exec_driver_sql(f"CREATE TABLE {final} ({columns}{keys})")
+        bind.exec_driver_sql(f"INSERT INTO {final} SELECT * FROM {aside}")
+        bind.exec_driver_sql(f"DROP TABLE {aside}")
+    else:
+        bind.exec_driver_sql(f"CREATE TABLE {aside} ({columns})")
+        bind.exec_driver_sql(f"INSERT INTO {aside} SELECT * FROM {final}")
+        bind.exec_driver_sql(f"DROP TABLE {final}")
+        bind.exec_driver_sql(f'ALTER TABLE {aside} RENAME TO "{table}"')
