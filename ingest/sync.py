@@ -40,8 +40,9 @@ log = logging.getLogger("ingest.sync")
 BATCH_EVENTS = 5000
 BATCH_SECONDS = 1.0
 # Downloading runs this many pages ahead in a thread of its own. Normalising runs one batch ahead in another
-# thread while PostgreSQL's server works on the last one; on DuckDB it stays in the writing thread: DuckDB
-# takes the GIL back a dozen times per statement, each a wait of up to 5 ms while another thread computes.
+# thread while PostgreSQL's server works on the last one. On DuckDB it stays in the writing thread, and
+# concurrent sweeps (backfill slices) normalise under the writers' lock: DuckDB takes the GIL back a dozen
+# times per statement, each a wait of up to 5 ms while another thread computes (benchmarks/README.md).
 PREFETCH_PAGES = 50
 
 
@@ -330,8 +331,11 @@ def sweep(
     while True:
         try:
             pages = _ahead(fetch_pages(client, query, state["sweep_cursor"]), PREFETCH_PAGES)
-            batches = _normalised(pages, state["source"], conn.dialect.name)
-            for batch in batches if conn.dialect.name == "duckdb" else _ahead(batches, 1):
+            if conn.dialect.name == "duckdb":  # see PREFETCH_PAGES: no Python work beside DuckDB's statements
+                batches = _normalised(pages, state["source"], conn.dialect.name, lock)
+            else:
+                batches = _ahead(_normalised(pages, state["source"], conn.dialect.name), 1)
+            for batch in batches:
                 _save(conn, state, batch, summary, lock)
                 del batch  # not kept alive while waiting for the next one
                 if on_progress:
@@ -369,8 +373,11 @@ class _Batch:
     oldest: int | None  # the smallest effective_at: newest first, everything after it is done
 
 
-def _normalised(pages: Iterator[Page], source: str, dialect: str) -> Iterator[_Batch]:
-    """Pages grouped into batches (up to BATCH_EVENTS events or BATCH_SECONDS), normalised and staged together.
+def _normalised(
+    pages: Iterator[Page], source: str, dialect: str, lock: threading.Lock | None = None
+) -> Iterator[_Batch]:
+    """Pages grouped into batches (up to BATCH_EVENTS events or BATCH_SECONDS), normalised and staged together,
+    holding `lock` if given (the writers' lock of concurrent sweeps).
 
     No reference outlives its use (`del`): a batch's pages and rows are a large part of a run's memory."""
     group: list[Page] = []
@@ -382,18 +389,20 @@ def _normalised(pages: Iterator[Page], source: str, dialect: str) -> Iterator[_B
         size += len(page.events)
         del page
         if size >= BATCH_EVENTS or time.monotonic() - since >= BATCH_SECONDS:
-            batch = _normalise(group, source, dialect)
+            batch = _normalise(group, source, dialect, lock)
             group, size = [], 0
             yield batch
             del batch
     if group:
-        yield _normalise(group, source, dialect)
+        yield _normalise(group, source, dialect, lock)
 
 
-def _normalise(pages: list[Page], source: str, dialect: str) -> _Batch:
+def _normalise(pages: list[Page], source: str, dialect: str, lock: threading.Lock | None) -> _Batch:
     events = [e for p in pages for e in p.events]
+    with lock or contextlib.nullcontext():
+        rows = store.stage(dialect, model.normalise(events, source, store.now()))
     return _Batch(
-        store.stage(dialect, model.normalise(events, source, store.now())),
+        rows,
         len(pages),
         len(events),
         [r for p in pages for r in p.rejected],
