@@ -11,10 +11,11 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -40,7 +41,8 @@ _ARROW_TYPES = {
 # checkpoints every few batches, and each checkpoint re-compresses the whole last row group of every table
 # it touched: most of a first run's time. One thread: a second only doubles the CPU of small inserts on a
 # machine whose other core downloads. A memory limit keeps a run's memory flat whatever the size of the log
-# (DuckDB's cache would otherwise grow to 80% of RAM); below 64 MB, a batch's inserts no longer fit.
+# (DuckDB's cache would otherwise grow to 80% of RAM); below 64 MB, a batch's inserts no longer fit, and a
+# batch of unusually large events gets twice as much (`atomically`).
 DUCKDB_CONFIG = {"checkpoint_threshold": "256MB", "threads": 1, "memory_limit": "64MB"}
 
 # Arrow's own allocator keeps freed memory for reuse: 25 MB more at the peak of a run than malloc's.
@@ -212,6 +214,34 @@ def _json_text(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------- writes
+def atomically(conn: sa.Connection, work: Callable[[], T]) -> T:
+    """`work()` in one transaction.
+
+    DuckDB: a transaction that outgrows the writer's memory limit (a batch of unusually large events) runs
+    again with the limit doubled, up to MEMORY_LIMIT_MAX, rather than failing every run at the same batch.
+    """
+    while True:
+        try:
+            with conn.begin():
+                return work()
+        except sa.exc.DBAPIError as exc:
+            if conn.dialect.name != "duckdb" or "Out of Memory" not in str(exc.orig):
+                raise
+            with conn.begin():
+                limit = conn.exec_driver_sql("SELECT current_setting('memory_limit')").scalar()
+                size, unit = re.match(r"([\d.]+)\s*(\w+)", limit).groups()
+                doubled = 2 * float(size) * _BYTES[unit[0].upper()]
+                if doubled > MEMORY_LIMIT_MAX:
+                    raise exc from None
+                conn.exec_driver_sql(f"SET memory_limit = '{int(doubled) // 2**20}MiB'")
+            log.warning("a batch needed more than DuckDB's memory limit of %s: trying again with twice as much", limit)
+
+
+T = TypeVar("T")
+_BYTES = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+MEMORY_LIMIT_MAX = 4 * 2**30
+
+
 def insert_rows(
     conn: sa.Connection,
     table: sa.Table,

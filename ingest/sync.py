@@ -412,13 +412,16 @@ def _normalise(pages: list[Page], source: str, dialect: str, lock: threading.Loc
 
 
 def _save(conn: sa.Connection, state: dict, batch: _Batch, summary: RunSummary, lock: threading.Lock) -> None:
+    def write() -> set[str]:
+        new = store.save_batch(conn, batch.rows)
+        if batch.rejected:
+            store.save_rejected(conn, state["source"], batch.rejected)
+        state["sweep_cursor"] = batch.cursor
+        store.save_state(conn, state)
+        return new
+
     with lock:  # concurrent sweeps (backfill slices) overlap all but their writes
-        with conn.begin():
-            new = store.save_batch(conn, batch.rows)
-            if batch.rejected:
-                store.save_rejected(conn, state["source"], batch.rejected)
-            state["sweep_cursor"] = batch.cursor
-            store.save_state(conn, state)
+        new = store.atomically(conn, write)
         summary.pages += batch.pages
         summary.events_seen += batch.events
         summary.events_new += len(new)

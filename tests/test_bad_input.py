@@ -18,6 +18,7 @@ from support import KEY, scalar, stored_events, sync
 import ingest.sync
 from ingest.errors import BadResponseError
 from ingest.model import is_tenant_scoped
+from ingest.simulator import Simulator
 from ingest.store import Warehouse
 
 T = 1_790_000_000  # inside no test's window: the API may send events it was not asked for
@@ -243,3 +244,17 @@ def test_a_transiently_bad_body_is_retried_not_quarantined(simulator, db_url):
     assert summary.retries == 2 * summary.pages and summary.rejected == 0
     assert rejected_rows(url) == []
     assert stored_events(url) == {e["id"]: e for e in server.sim.events}
+
+
+def test_events_far_larger_than_usual_outgrow_duckdbs_memory_limit_and_still_land(simulator, duckdb_url, caplog):
+    """A batch of unusually large events needs more memory than the DuckDB writer's limit: the batch is
+    written again with the limit doubled, instead of failing every run at that batch."""
+    server = simulator(events=0)
+    events = Simulator(events=1500, seed=46).events
+    for event in events:
+        event["padding"] = "x" * 5000  # unknown to the spec: kept in raw
+    server.sim.insert(events)
+    [summary] = sync(server, duckdb_url + "?memory_limit=16MB")
+    assert summary.status == "ok" and summary.events_new == 1500
+    assert stored_events(duckdb_url) == {e["id"]: e for e in events}
+    assert "needed more than DuckDB's memory limit" in caplog.text

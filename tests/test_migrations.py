@@ -90,9 +90,9 @@ def test_migrations_build_exactly_the_model_on_postgresql(pg_database):
 # ---------------------------------------------------------------------------------------- data
 
 
-def snapshot(url: str, tables) -> dict[str, list[dict]]:
+def snapshot(url: str, tables, schema: str | None = None) -> dict[str, list[dict]]:
     """Every row of the tables, in primary-key order."""
-    warehouse = Warehouse(url)
+    warehouse = Warehouse(url, schema)
     try:
         with warehouse.connect() as conn:
             return {
@@ -165,44 +165,48 @@ def test_rebuild_typed_restores_typed_rows_from_raw(simulator, db_url, monkeypat
     assert snapshot(db_url, model.TYPED_TABLES) == before
 
 
-def migrate(url: str, action: str, revision: str) -> None:
+def migrate(url: str, action: str, revision: str, schema: str | None) -> None:
     """Alembic's upgrade or downgrade, on the connection Warehouse gives it (as `db upgrade` does)."""
     from alembic import command
 
     config = Config()
     config.set_main_option("script_location", str(store.MIGRATIONS))
-    warehouse = Warehouse(url)
+    warehouse = Warehouse(url, schema)
     try:
         with warehouse.connect() as conn, conn.begin():
-            config.attributes.update(connection=conn, schema=None)
+            config.attributes.update(connection=conn, schema=schema)
             getattr(command, action)(config, revision)
     finally:
         warehouse.dispose()
 
 
-def test_duckdb_event_tables_lose_their_keys_at_0003_and_get_them_back_on_downgrade(simulator, tmp_path, monkeypatch):
+@pytest.mark.parametrize("schema", [None, "audit"])
+def test_duckdb_event_tables_lose_their_keys_at_0003_and_get_them_back_on_downgrade(
+    schema, simulator, tmp_path, monkeypatch
+):
     monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
     path = tmp_path / "keys.duckdb"
     url = f"duckdb:///{path}"
-    sync(simulator(events=400, seed=13), url)
-    stored = snapshot(url, model.metadata.sorted_tables)
+    sync(simulator(events=400, seed=13), url, db_schema=schema)
+    stored = snapshot(url, model.metadata.sorted_tables, schema)
     event_tables = {"audit_events", *(t.name for t in model.TYPED_TABLES)}
 
     def keys() -> list[tuple[str, str]]:
         with duckdb.connect(str(path), read_only=True) as conn:
             rows = conn.execute(
                 "SELECT table_name, constraint_type FROM duckdb_constraints()"
-                " WHERE constraint_type IN ('PRIMARY KEY', 'FOREIGN KEY')"
+                " WHERE constraint_type IN ('PRIMARY KEY', 'FOREIGN KEY') AND schema_name = ?",
+                [schema or "main"],
             ).fetchall()
         return sorted(r for r in rows if r[0] in event_tables)
 
     assert keys() == []
-    migrate(url, "downgrade", "0002")
+    migrate(url, "downgrade", "0002", schema)
     assert keys() == sorted(
         [("audit_events", "PRIMARY KEY")]
         + [(t.name, kind) for t in model.TYPED_TABLES for kind in ("PRIMARY KEY", "FOREIGN KEY")]
     )
-    assert snapshot(url, model.metadata.sorted_tables) == stored
-    migrate(url, "upgrade", "head")
+    assert snapshot(url, model.metadata.sorted_tables, schema) == stored
+    migrate(url, "upgrade", "head", schema)
     assert keys() == []
-    assert snapshot(url, model.metadata.sorted_tables) == stored
+    assert snapshot(url, model.metadata.sorted_tables, schema) == stored

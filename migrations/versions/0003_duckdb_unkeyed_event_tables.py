@@ -30,9 +30,8 @@ def downgrade() -> None:
         _rebuild("audit_events", keys=", PRIMARY KEY (id)")
         for table in _unkeyed_with_event_id():
             position = ", position" if "position" in _columns(table) else ""
-            _rebuild(
-                table, keys=f", PRIMARY KEY (event_id{position}), FOREIGN KEY (event_id) REFERENCES audit_events (id)"
-            )
+            events = f'"{_schema()}".audit_events'
+            _rebuild(table, keys=f", PRIMARY KEY (event_id{position}), FOREIGN KEY (event_id) REFERENCES {events} (id)")
 
 
 def _schema() -> str:
@@ -50,8 +49,10 @@ def _referencing(table: str) -> list[str]:
 
 def _unkeyed_with_event_id() -> list[str]:
     rows = op.get_bind().exec_driver_sql(
-        "SELECT table_name FROM duckdb_columns() WHERE database_name = current_database() AND schema_name = ?"
-        " AND column_name = 'event_id' ORDER BY 1",
+        "SELECT table_name FROM duckdb_tables() t WHERE database_name = current_database() AND schema_name = ?"
+        " AND EXISTS (SELECT 1 FROM duckdb_columns() c WHERE c.database_name = t.database_name"
+        " AND c.schema_name = t.schema_name AND c.table_name = t.table_name AND c.column_name = 'event_id')"
+        " ORDER BY 1",
         (_schema(),),
     )
     return [name for (name,) in rows]
