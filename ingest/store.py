@@ -225,7 +225,7 @@ def atomically(conn: sa.Connection, work: Callable[[], T]) -> T:
             with conn.begin():
                 return work()
         except sa.exc.DBAPIError as exc:
-            if conn.dialect.name != "duckdb" or "Out of Memory" not in str(exc.orig):
+            if conn.dialect.name != "duckdb" or not _out_of_memory(exc.orig):
                 raise
             with conn.begin():
                 limit = conn.exec_driver_sql("SELECT current_setting('memory_limit')").scalar()
@@ -233,12 +233,18 @@ def atomically(conn: sa.Connection, work: Callable[[], T]) -> T:
                 doubled = 2 * float(size) * _BYTES[unit[0].upper()]
                 if doubled > MEMORY_LIMIT_MAX:
                     raise exc from None
-                conn.exec_driver_sql(f"SET memory_limit = '{int(doubled) // 2**20}MiB'")
+                conn.exec_driver_sql(f"SET memory_limit = '{int(doubled) // 2**10}KiB'")
             log.warning("a batch needed more than DuckDB's memory limit of %s: trying again with twice as much", limit)
 
 
+def _out_of_memory(error: BaseException | None) -> bool:
+    import duckdb
+
+    return isinstance(error, duckdb.OutOfMemoryException)
+
+
 T = TypeVar("T")
-_BYTES = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_BYTES = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}  # 'P': no limit
 MEMORY_LIMIT_MAX = 4 * 2**30
 
 
