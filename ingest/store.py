@@ -214,6 +214,9 @@ def _json_text(value: object) -> str:
 
 
 # ---------------------------------------------------------------------------------------- writes
+T = TypeVar("T")
+
+
 def atomically(conn: sa.Connection, work: Callable[[], T]) -> T:
     """`work()` in one transaction.
 
@@ -243,7 +246,6 @@ def _out_of_memory(error: BaseException | None) -> bool:
     return isinstance(error, duckdb.OutOfMemoryException)
 
 
-T = TypeVar("T")
 _BYTES = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}  # 'P': no limit
 MEMORY_LIMIT_MAX = 4 * 2**30
 
@@ -258,7 +260,6 @@ def insert_rows(
     absent: bool = False,
 ) -> list:
     """Insert-if-absent (or upsert with `update(excluded) -> set_`), one statement; returns `returning` values.
-
 
     `rows`: dicts, or on DuckDB a pyarrow Table (`stage`).
     `absent`: the rows are known to be new (typed rows of events this transaction inserted), so a plain
@@ -293,9 +294,7 @@ def _insert(table: sa.Table, names: tuple[str, ...], source: sa.Select, update, 
     return stmt.returning(table.c[returning]) if returning else stmt
 
 
-def _insert_duckdb(
-    conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict], update, returning, absent
-):
+def _insert_duckdb(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows, update, returning, absent):
     # The statement's text is compiled once per shape: duckdb-engine turns SQLAlchemy's statement cache off,
     # and compiling an upsert costs more than inserting a batch. `update` must depend on the table and the
     # columns only (true of `_newest_wins` and `save_state`'s), as its code object stands for it in the key.
@@ -311,7 +310,8 @@ def _insert_duckdb(
             dialect=conn.dialect, schema_translate_map=translate, render_schema_translate=bool(translate)
         )
         sql = _DUCKDB_SQL[key] = str(compiled)
-    if not _is_arrow(rows) and len(rows) * len(names) <= _BOUND_VALUES:
+    staged = _arrow(table, rows)
+    if not _is_arrow(staged):
         # A few values (a sweep's state, a quiet run's events) go as parameters: binding is slow per value,
         # but a run with nothing new then never imports pyarrow (a tenth of its start-up).
         columns = ", ".join(f'"{n}"' for n in names)
@@ -321,7 +321,7 @@ def _insert_duckdb(
         return result.scalars().all() if returning else []
     # Found by name by DuckDB's replacement scan, which looks in the calling frame: that is why the DuckDB
     # connection is called directly. Half the cost of registering the table as a view and dropping it.
-    _batch = rows if _is_arrow(rows) else _arrow(table, rows)  # noqa: F841
+    _batch = staged  # noqa: F841
     dbapi = conn.dialect.loaded_dbapi
     try:
         result = conn.connection.driver_connection.execute(sql)
@@ -432,8 +432,8 @@ _TABLES = {t.name: t for t in (*model.TYPED_TABLES, *model.DIMENSIONS)}
 
 
 def _arrow(table: sa.Table, rows: list[dict]):
-    """An Arrow table of `rows`; unchanged if they are a few values."""
-    if not rows or len(rows) * len(rows[0]) <= _BOUND_VALUES:
+    """An Arrow table of `rows`; unchanged if they are a few values, or an Arrow table already."""
+    if _is_arrow(rows) or not rows or len(rows) * len(rows[0]) <= _BOUND_VALUES:
         return rows
     import pyarrow as pa
 
