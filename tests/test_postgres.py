@@ -129,6 +129,10 @@ def test_with_lock_wait_the_second_ingester_waits_then_syncs(simulator, db_url, 
 @postgresql_only
 def test_without_the_lock_two_concurrent_runs_still_store_every_event_once(simulator, db_url, key_env):
     server = simulator(events=4000, seed=24, latency=0.01)
+    # Migrated beforehand: otherwise one run waits out the migration lock's poll and may start after the other ended.
+    warehouse = Warehouse(db_url)
+    warehouse.ensure_schema()
+    warehouse.dispose()
     results: list = []
     threads = [
         threading.Thread(target=lambda: results.extend(sync(server, db_url, source_lock=False))) for _ in range(2)
