@@ -549,7 +549,7 @@ def _actor_columns(actor: Any) -> dict:
     for name in _SESSION_COLUMNS:
         cols[name] = _str(session.get(name))
     for name in _IP_DETAILS:
-        cols["ip_" + name] = _str(details.get(name))
+        cols["ip_" + name] = _text(details.get(name))
     cols["ip_latitude"], cols["ip_longitude"] = _float(details.get("latitude")), _float(details.get("longitude"))
     return cols
 
@@ -650,6 +650,13 @@ def _convert(value: Any, kind: str) -> tuple[Any, bool]:
 
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _text(value: Any) -> str | None:
+    """A string, or an integer as its digits: the example serves `asn` as "1234", a geo-IP source may not."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _str(value)
 
 
 def _obj(value: Any) -> dict:

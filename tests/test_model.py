@@ -239,6 +239,9 @@ def test_payloads_that_do_not_fit_land_and_are_counted_once_per_type(simulator, 
         staged("ok-2", "api_key.updated", {"id": "key_3", "data": {"scopes": ["x"]}}, at),  # as in the spec's example
         staged("ok-3", "login.succeeded", {}, at),
     ]
+    # Geo-IP details as numbers: an integer ASN is kept as its digits, coordinates as numbers.
+    details = {"asn": 3215, "region_code": 75, "city": 7.5, "latitude": 48.85, "longitude": "2.35"}
+    fits[2]["actor"]["session"]["ip_address_details"] = details
     server.sim.insert(bad + fits)
 
     summary = sync_once(server, db_url, caplog)
@@ -284,6 +287,9 @@ def test_payloads_that_do_not_fit_land_and_are_counted_once_per_type(simulator, 
     ]  # fmt: skip
     assert rows(f"SELECT external_key_id, data FROM external_key_events WHERE {staged_ids}") == [("ekey_1", None)]
     assert rows("SELECT resource_id, payload FROM audit_events WHERE id = 'staged-bad-7'") == [(None, "wrong password")]
+    assert rows(
+        "SELECT ip_asn, ip_region_code, ip_city, ip_latitude, ip_longitude FROM audit_events WHERE id = 'staged-ok-3'"
+    ) == [("3215", "75", None, 48.85, 2.35)]
 
     # A later run counts its own mismatches; the warning for a type already reported is not repeated.
     server.sim.insert([staged("bad-9", "api_key.created", {"id": "key_9", "data": {"scopes": 1}}, int(time.time()))])
