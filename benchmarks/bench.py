@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench.py [--events 100000] [--skip-pg] [--skip-backfill] [--rss-series] [--repeat N]
 
 Everything runs as a user would run it: the simulator (`audit-ingest simulate`) in its own process, each
-measured command in a fresh process (wall time includes interpreter start; peak RSS from wait4). Steps:
+measured command in a fresh process (wall time includes interpreter start; peak RSS and CPU time from wait4). Steps:
 
 1. simulator: every page fetched as bytes, not parsed: how fast it serves, and its CPU per page.
 2. floor: the same pages downloaded and parsed by the tool's own client, nothing stored.
@@ -46,12 +46,14 @@ class Measure:
     rss_mb: float | None = None
     floor: float | None = None  # the floor's wall for the same events, for the ratio
     note: str = ""
+    cpu: float | None = None  # user + system seconds of the measured process
 
     def row(self) -> list[str]:
         return [
             self.name,
             f"{self.events:,}",
             f"{self.wall:.2f}",
+            f"{self.cpu:.2f}" if self.cpu is not None else "-",
             f"{self.events / self.wall:,.0f}" if self.events else "-",
             f"{self.rss_mb:.0f}" if self.rss_mb is not None else "-",
             f"{self.wall / self.floor:.2f}x" if self.floor else "-",
@@ -105,6 +107,7 @@ def _free_port() -> int:
 class Finished:
     wall: float
     rss_mb: float
+    cpu: float  # user + system seconds: against the wall, how much ran in parallel
     stdout: str
     stderr: str
 
@@ -118,7 +121,7 @@ def timed(args: list[str], env: dict[str, str]) -> Finished:
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
-        result = Finished(wall, usage.ru_maxrss / 1024, out.read(), err.read())
+        result = Finished(wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, out.read(), err.read())
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args[1:])} failed ({proc.returncode}):\n{result.stderr[-2000:]}")
     return result
@@ -166,7 +169,7 @@ def simulator_check(sim: Simulator) -> tuple[Measure, float]:
     done = timed(_in_process(f"fetch_all({sim.url!r}, False)"), dict(os.environ))
     per_page = (sim.cpu() - cpu) / (sim.stats()["requests"] - requests)
     note = f"simulator CPU {per_page * 1000:.2f} ms/page"
-    return Measure("simulator, bytes only", sim.events, done.wall, done.rss_mb, note=note), per_page
+    return Measure("simulator, bytes only", sim.events, done.wall, done.rss_mb, note=note, cpu=done.cpu), per_page
 
 
 def floor(sim: Simulator) -> Measure:
@@ -174,7 +177,9 @@ def floor(sim: Simulator) -> Measure:
     got = int(done.stdout.strip())
     if got != sim.events:
         raise SystemExit(f"the floor fetched {got} events, the simulator holds {sim.events}")
-    return Measure("fetch-only floor", got, done.wall, done.rss_mb, note="download + parse, nothing stored")
+    return Measure(
+        "fetch-only floor", got, done.wall, done.rss_mb, note="download + parse, nothing stored", cpu=done.cpu
+    )
 
 
 def first_run(name: str, sim: Simulator, database_url: str, count, floor_wall: float | None) -> tuple[Measure, float]:
@@ -186,7 +191,7 @@ def first_run(name: str, sim: Simulator, database_url: str, count, floor_wall: f
     if stored != sim.events:
         raise SystemExit(f"{name}: {stored} events stored, the simulator holds {sim.events}")
     note = f"{stored:,} stored = simulator's; simulator busy {busy:.0%}"
-    return Measure(name, sim.events, done.wall, done.rss_mb, floor_wall, note), busy
+    return Measure(name, sim.events, done.wall, done.rss_mb, floor_wall, note, done.cpu), busy
 
 
 def noop_runs(sim: Simulator, database_url: str, times: int = 3) -> tuple[Measure, int]:
@@ -257,7 +262,7 @@ def backfills(events: int, workdir: Path) -> tuple[Measure, Measure]:
             if stored != sim.events:
                 raise SystemExit(f"backfill --workers {workers}: {stored} events stored of {sim.events}")
             name = f"backfill --workers {workers}, 20 ms/request"
-            result.append(Measure(name, sim.events, done.wall, done.rss_mb, note=f"{stored:,} stored"))
+            result.append(Measure(name, sim.events, done.wall, done.rss_mb, note=f"{stored:,} stored", cpu=done.cpu))
     return result[0], result[1]
 
 
@@ -282,12 +287,12 @@ def middle(runs: list[Measure]) -> Measure:
 
 
 def table(measures: list[Measure]) -> str:
-    rows = [["measurement", "events", "wall s", "events/s", "peak RSS MB", "x floor", "note"]]
+    rows = [["measurement", "events", "wall s", "CPU s", "events/s", "peak RSS MB", "x floor", "note"]]
     rows += [m.row() for m in measures]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
-            c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            c.ljust(w) if i in (0, 7) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
         ).rstrip()
         for r in rows
     ]

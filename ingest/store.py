@@ -442,7 +442,7 @@ def _arrow(table: sa.Table, rows: list[dict]):
     # Column by column from a transposed list: a third faster than `from_pylist`'s lookups row by row.
     # Every row has the same keys (model.normalise makes them so).
     get = operator.itemgetter(*names)
-    columns = zip(*map(get, rows)) if len(names) > 1 else [list(map(get, rows))]
+    columns = zip(*map(get, rows), strict=True) if len(names) > 1 else [list(map(get, rows))]
     types = [_arrow_type(table.c[n].type) for n in names]
     return pa.Table.from_arrays([pa.array(v, t) for v, t in zip(columns, types, strict=True)], names=names)
 
