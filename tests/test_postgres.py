@@ -56,7 +56,7 @@ def wait_for_requests(server, count: int, proc: subprocess.Popen) -> None:
 # ------------------------------------------------------------------------------------------ locking
 @postgresql_only
 def test_two_runs_on_one_postgresql_one_syncs_the_other_skips(simulator, db_url):
-    server = simulator(events=3000, seed=21, latency=0.2)  # slow pages keep the first run busy
+    server = simulator(events=3000, seed=21, latency=0.5)  # slow pages keep the first run busy
     first = run_in_background(server, db_url)
     wait_for_requests(server, 2, first)
     second = cli(
@@ -162,7 +162,7 @@ WHERE u.first_seen IS DISTINCT FROM e.first OR u.last_seen IS DISTINCT FROM e.la
 
 
 def test_a_second_process_on_a_duckdb_file_gets_one_line_and_exit_9(simulator, duckdb_url):
-    server = simulator(events=3000, seed=25, latency=0.2)
+    server = simulator(events=3000, seed=25, latency=0.5)
     first = run_in_background(server, duckdb_url)
     wait_for_requests(server, 2, first)
     env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": duckdb_url}
