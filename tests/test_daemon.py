@@ -85,8 +85,7 @@ def test_daemon_picks_up_new_events_leaves_the_file_readable_and_stops_on_sigter
     proc = start_daemon(server, path, "--log-format", "json", "daemon", "--interval", "1s", "--metrics-port", str(port))
     want = {e["id"] for e in server.sim.events}
     # Each successful read happened between runs: a daemon holding the file would make every one fail.
-    # (A run that finds the file held by a reader fails, logs it, and the next one retries.)
-    # (Reads once a second: each one that meets a run's start makes that run fail and back off.)
+    # (A run that finds the file held by a reader fails, logs it and backs off: so a read once a second.)
     wait_for(lambda: read_ids(path) == want, 30, proc, every=1.0)
     new = {e["id"] for e in server.sim.append(30)} | {e["id"] for e in server.sim.append(5, late_by=120)}
     wait_for(lambda: read_ids(path) == want | new, 30, proc, every=1.0)
