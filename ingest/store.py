@@ -38,16 +38,16 @@ _ARROW_TYPES = {
 }
 
 
+# Named up front: SQLAlchemy otherwise finds duckdb-engine through the installed packages' entry points,
+# a tenth of a second of every run's start.
+sa.dialects.registry.register("duckdb", "duckdb_engine", "Dialect")
+
 # A writer's DuckDB settings (a URL's query string overrides them). At the default 16 MB of WAL, DuckDB
 # checkpoints every few batches, and each checkpoint re-compresses the whole last row group of every table
 # it touched: most of a first run's time. One thread: a second only doubles the CPU of small inserts on a
 # machine whose other core downloads. A memory limit keeps a run's memory flat whatever the size of the log
 # (DuckDB's cache would otherwise grow to 80% of RAM); below 64 MB, a batch's inserts no longer fit, and a
 # batch of unusually large events gets twice as much (`atomically`).
-# Named up front: SQLAlchemy otherwise finds duckdb-engine through the installed packages' entry points,
-# a tenth of a second of every run's start.
-sa.dialects.registry.register("duckdb", "duckdb_engine", "Dialect")
-
 DUCKDB_CONFIG = {"checkpoint_threshold": "256MB", "threads": 1, "memory_limit": "64MB"}
 
 # Arrow's own allocator keeps freed memory for reuse: 25 MB more at the peak of a run than malloc's.

@@ -16,10 +16,14 @@ from ingest import model, store
 from ingest.store import Warehouse
 
 
-def scripts() -> ScriptDirectory:
+def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(store.MIGRATIONS))
-    return ScriptDirectory.from_config(config)
+    return config
+
+
+def scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
 
 
 EARLIER = [r.revision for r in scripts().walk_revisions() if r.revision != scripts().get_current_head()]
@@ -169,8 +173,7 @@ def migrate(url: str, action: str, revision: str, schema: str | None) -> None:
     """Alembic's upgrade or downgrade, on the connection Warehouse gives it (as `db upgrade` does)."""
     from alembic import command
 
-    config = Config()
-    config.set_main_option("script_location", str(store.MIGRATIONS))
+    config = alembic_config()
     warehouse = Warehouse(url, schema)
     try:
         with warehouse.connect() as conn, conn.begin():
