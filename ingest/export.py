@@ -126,7 +126,9 @@ def export_events(
         raise ConfigError("the export window is empty: --until must be later than --since")
     since, until = (t.astimezone(UTC).replace(tzinfo=None) for t in (since, until))  # the warehouse is naive UTC
     columns = model.audit_events.columns
-    arrow_schema = pa.schema([(c.name, _arrow_type(c.type)) for c in columns])
+    # JSON as plain text: CSV has no JSON type, and readers of the Parquet file then need no extension.
+    types = [_arrow_type(c.type) for c in columns]
+    arrow_schema = pa.schema([(c.name, getattr(t, "storage_type", t)) for c, t in zip(columns, types, strict=True)])
     partial = output.with_name(f".{output.name}.partial")
     count = 0
     try:
