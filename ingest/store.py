@@ -399,18 +399,40 @@ def _copy(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: li
     if target is None:
         schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
         target = sql.Identifier(*filter(None, (schema, table.name)))
+    from psycopg.types.json import set_json_dumps
+
     dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.connection.driver_connection.cursor() as cursor:
             if before is not None:
                 cursor.execute(before)
-            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(target, sql.SQL(", ").join(map(sql.Identifier, names)))
+            # Binary: the server parses no text but the JSON's (a third less of the client's COPY time too).
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+                target, sql.SQL(", ").join(map(sql.Identifier, names))
+            )
+            set_json_dumps(_json_text, context=cursor)  # JSON values are serialised already (model.dumps)
             values = operator.itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
             with cursor.copy(copy_sql) as copy:
+                copy.set_types([_copy_type(table.c[n].type) for n in names])
                 for row in rows:  # every row has the same keys (model.normalise makes them so)
                     copy.write_row(values(row))
     except dbapi.Error as exc:  # raw driver calls: wrap as SQLAlchemy would, for translate_errors
         raise sa.exc.DBAPIError.instance(f"COPY into {table.name}", None, exc, dbapi.Error) from exc
+
+
+_COPY_TYPES = {  # PostgreSQL's name of each column type, for binary COPY; subclasses before their base
+    sa.DateTime: "timestamp",
+    sa.JSON: "jsonb",
+    sa.BigInteger: "int8",
+    sa.Integer: "int4",
+    sa.Boolean: "bool",
+    sa.Float: "float8",
+    sa.Text: "text",
+}
+
+
+def _copy_type(sql_type: sa.types.TypeEngine) -> str:
+    return next(name for cls, name in _COPY_TYPES.items() if isinstance(sql_type, cls))
 
 
 def _arrow_type(sql_type: sa.types.TypeEngine):
