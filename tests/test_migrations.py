@@ -57,6 +57,21 @@ def duckdb_catalog(path) -> dict[str, tuple]:
     return catalog
 
 
+def migrate(url: str, action: str, revision: str, schema: str | None = None) -> None:
+    """Alembic's upgrade or downgrade, on the connection Warehouse gives it (as `db upgrade` does), running
+    every migration (`Warehouse.upgrade` builds a new database from the model instead)."""
+    from alembic import command
+
+    config = alembic_config()
+    warehouse = Warehouse(url, schema)
+    try:
+        with warehouse.connect() as conn, conn.begin():
+            config.attributes.update(connection=conn, schema=schema)
+            getattr(command, action)(config, revision)
+    finally:
+        warehouse.dispose()
+
+
 def upgraded(url: str) -> None:
     warehouse = Warehouse(url)
     try:
@@ -66,29 +81,37 @@ def upgraded(url: str) -> None:
 
 
 def test_migrations_build_exactly_the_model_on_duckdb(tmp_path):
-    migrated, declared = tmp_path / "migrated.duckdb", tmp_path / "declared.duckdb"
-    upgraded(f"duckdb:///{migrated}")
-    engine = sa.create_engine(f"duckdb:///{declared}", poolclass=sa.pool.NullPool)
-    model.metadata.create_all(engine)
-    engine.dispose()
+    """The migrations build the declared model, which is what `Warehouse.upgrade` gives a new database."""
+    migrated, created = tmp_path / "migrated.duckdb", tmp_path / "created.duckdb"
+    migrate(f"duckdb:///{migrated}", "upgrade", "head")
+    upgraded(f"duckdb:///{created}")
     built = duckdb_catalog(migrated)
+    assert built == duckdb_catalog(created)
     assert built.pop("alembic_version")
     assert set(built) == set(model.metadata.tables)
-    assert built == duckdb_catalog(declared)
+    for path in (migrated, created):
+        with duckdb.connect(str(path), read_only=True) as conn:
+            assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(store.HEAD_REVISION,)]
 
 
 def test_migrations_build_exactly_the_model_on_postgresql(pg_database):
+    """As on DuckDB: in one schema by the migrations, in another by `Warehouse.upgrade` for a new database."""
     database, admin = pg_database
-    admin('CREATE SCHEMA "migrations_exact"')
-    url = database.update_query_dict({"options": "-csearch_path=migrations_exact"})
-    upgraded(url.render_as_string(hide_password=False))
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
-            assert compare_metadata(context, model.metadata) == []
-    finally:
-        engine.dispose()
+    for schema in ("migrated", "created"):
+        admin(f'CREATE SCHEMA "{schema}"')
+        url = database.update_query_dict({"options": f"-csearch_path={schema}"})
+        if schema == "migrated":
+            migrate(url.render_as_string(hide_password=False), "upgrade", "head")
+        else:
+            upgraded(url.render_as_string(hide_password=False))
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+                assert compare_metadata(context, model.metadata) == []
+                assert context.get_current_revision() == store.HEAD_REVISION
+        finally:
+            engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -167,20 +190,6 @@ def test_rebuild_typed_restores_typed_rows_from_raw(simulator, db_url, monkeypat
     assert result.returncode == 0, result.stderr
     assert "600 events" in result.stdout
     assert snapshot(db_url, model.TYPED_TABLES) == before
-
-
-def migrate(url: str, action: str, revision: str, schema: str | None) -> None:
-    """Alembic's upgrade or downgrade, on the connection Warehouse gives it (as `db upgrade` does)."""
-    from alembic import command
-
-    config = alembic_config()
-    warehouse = Warehouse(url, schema)
-    try:
-        with warehouse.connect() as conn, conn.begin():
-            config.attributes.update(connection=conn, schema=schema)
-            getattr(command, action)(config, revision)
-    finally:
-        warehouse.dispose()
 
 
 @pytest.mark.parametrize("schema", [None, "audit"])
