@@ -297,10 +297,14 @@ def insert_rows(
     if absent and not returning:  # nothing to merge: COPY straight into the table
         _copy(conn, table, names, rows)
         return []
-    if returning and not update and _copied_new(conn, table, names, rows):
+    if returning and not update and _copied_new(conn, table, names, rows, returning):
         return [row[returning] for row in rows]
     # Primary-key order: concurrent ingesters (source_lock = false) then lock rows in one order, never deadlock.
-    source = _stage(conn, table, names, rows).order_by(*[sa.column(c.name) for c in table.primary_key])
+    # Byte order for text: the order `_copied_new` inserts in, whatever the database's collation.
+    key = [
+        sa.column(c.name).collate("C") if isinstance(c.type, sa.Text) else sa.column(c.name) for c in table.primary_key
+    ]
+    source = _stage(conn, table, names, rows).order_by(*key)
     result = conn.execute(_insert(table, names, source, update, returning, absent))
     return [r[0] for r in result] if returning else []
 
@@ -334,8 +338,8 @@ def _insert_duckdb(conn: sa.Connection, table: sa.Table, names: tuple[str, ...],
         sql = _DUCKDB_SQL[key] = str(compiled)
     staged = _arrow(table, rows)
     if not _is_arrow(staged):
-        # A few values (a sweep's state) go as parameters: a run with nothing new then never imports pyarrow
-        # (a tenth of its start-up). Only a few: binding costs about 0.25 ms a value (a 20-row upsert of
+        # A few values (a sweep's state) go as parameters: a sweep that fetches nothing then never imports
+        # pyarrow (a tenth of a quiet run's start-up). Only a few: binding costs about 0.25 ms a value (a 20-row upsert of
         # `projects` took 20 ms bound, 4 ms from Arrow).
         columns = ", ".join(f'"{n}"' for n in names)
         values = ", ".join(["(" + ", ".join("?" * len(names)) + ")"] * len(rows))
@@ -372,19 +376,27 @@ def _stored(batch: sa.TableClause) -> sa.Exists:
 _DUCKDB_SQL: dict[tuple, str] = {}
 
 
-def _copied_new(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict]) -> bool:
-    """PostgreSQL: COPY rows that are probably all new (a first run's, a backfill's) straight into `table`, in a
-    savepoint; False, with nothing written, when one of them is stored already: the caller merges instead.
+def _copied_new(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict], key: str) -> bool:
+    """PostgreSQL: COPY `rows` straight into `table` when none of their `key`s is stored (a first run's batch, a
+    backfill's); False, with nothing written, otherwise: the caller merges them instead.
 
-    A third less of the server's time than staging and merging every batch (benchmarks/README.md); a batch
-    with a stored event (a run's lookback) fails at its first such row, so the attempt costs little.
-    In key order, like the merge, so that concurrent ingesters wait for each other instead of deadlocking.
+    A third less of the server's time than staging and merging every batch (benchmarks/README.md). The check
+    is one index probe; the savepoint covers a concurrent ingester storing one of them meanwhile. In the
+    merge's key order (byte order: Python's for str, COLLATE "C" there), so that concurrent ingesters wait
+    for each other instead of deadlocking.
     """
-    key = operator.itemgetter(*[c.name for c in table.primary_key])
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    column = table.c[key]
+    ids = sa.bindparam("ids", [row[key] for row in rows], type_=ARRAY(column.type))
+    if conn.execute(sa.select(sa.literal(1)).where(column == sa.any_(ids)).limit(1)).first() is not None:
+        return False
     try:
         with conn.begin_nested():
-            _copy(conn, table, names, sorted(rows, key=key))
-    except sa.exc.IntegrityError:
+            _copy(conn, table, names, sorted(rows, key=operator.itemgetter(key)))
+    except sa.exc.IntegrityError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "23505":  # anything but a unique violation is a real error
+            raise
         return False
     return True
 
@@ -435,7 +447,9 @@ def _copy(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: li
         raise sa.exc.DBAPIError.instance(f"COPY into {table.name}", None, exc, dbapi.Error) from exc
 
 
-_COPY_TYPES = {  # PostgreSQL's name of each column type, for binary COPY; subclasses before their base
+# PostgreSQL's name of each column type for binary COPY: the compiled names are not all psycopg's (FLOAT).
+# Subclasses before their base (BigInteger is an Integer, Double a Float).
+_COPY_TYPES = {
     sa.DateTime: "timestamp",
     sa.JSON: "jsonb",
     sa.BigInteger: "int8",
@@ -447,7 +461,10 @@ _COPY_TYPES = {  # PostgreSQL's name of each column type, for binary COPY; subcl
 
 
 def _copy_type(sql_type: sa.types.TypeEngine) -> str:
-    return next(name for cls, name in _COPY_TYPES.items() if isinstance(sql_type, cls))
+    for cls, name in _COPY_TYPES.items():
+        if isinstance(sql_type, cls):
+            return name
+    raise TypeError(f"no COPY type for {sql_type!r}: add it to store._COPY_TYPES")
 
 
 def _arrow_type(sql_type: sa.types.TypeEngine):

@@ -97,6 +97,7 @@ def test_migrations_build_exactly_the_model_on_duckdb(tmp_path):
 def test_migrations_build_exactly_the_model_on_postgresql(pg_database):
     """As on DuckDB: in one schema by the migrations, in another by `Warehouse.upgrade` for a new database."""
     database, admin = pg_database
+    catalogs = []
     for schema in ("migrated", "created"):
         admin(f'CREATE SCHEMA "{schema}"')
         url = database.update_query_dict({"options": f"-csearch_path={schema}"})
@@ -110,8 +111,24 @@ def test_migrations_build_exactly_the_model_on_postgresql(pg_database):
                 context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
                 assert compare_metadata(context, model.metadata) == []
                 assert context.get_current_revision() == store.HEAD_REVISION
+                catalogs.append(postgresql_catalog(conn, schema))
         finally:
             engine.dispose()
+    assert catalogs[0] == catalogs[1]  # names and definitions of constraints and indexes too
+
+
+def postgresql_catalog(conn: sa.Connection, schema: str) -> tuple[list, ...]:
+    """Columns, constraints and indexes of `schema`, written without its name."""
+    query = {
+        "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default"
+        " FROM information_schema.columns WHERE table_schema = :schema ORDER BY 1, ordinal_position",
+        "constraints": "SELECT t.relname, c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c"
+        " JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace"
+        " WHERE n.nspname = :schema ORDER BY 1, 2",
+        "indexes": "SELECT tablename, indexname, replace(indexdef, :schema || '.', '') FROM pg_indexes"
+        " WHERE schemaname = :schema ORDER BY 1, 2",
+    }
+    return tuple([tuple(r) for r in conn.execute(sa.text(sql), {"schema": schema})] for sql in query.values())
 
 
 # ---------------------------------------------------------------------------------------- data

@@ -147,6 +147,24 @@ def event_row(event: dict) -> dict:
     }
 
 
+def test_an_event_row_has_every_column_and_a_whole_session_fills_them():
+    session = {
+        "user": {"id": "user-1", "email": "ana@example.com"}, "ip_address": "192.0.2.7", "user_agent": "curl/8",
+        "ja3": "ja3-hash", "ja4": "ja4-hash",
+        "ip_address_details": {"country": "FR", "region": "Ile-de-France", "region_code": "IDF", "city": "Paris",
+                               "asn": "3215", "latitude": "48.85", "longitude": "2.35"},
+    }  # fmt: skip
+    event = {
+        "id": "audit_log-1", "type": "project.created", "effective_at": 1700000000,
+        "project": {"id": "proj-1", "name": "Audit"}, "actor": {"type": "session", "session": session},
+        "project.created": {"id": "proj-1", "data": {"name": "Audit", "title": "Audit"}},
+    }  # fmt: skip
+    [row] = model.normalise([event], "default", datetime(2026, 1, 1)).events
+    assert row.keys() == {c.name for c in model.audit_events.columns}
+    assert [name for name, value in row.items() if value is None] == ["actor_api_key_id", "actor_service_account_id"]
+    assert (row["ip_region_code"], row["ip_asn"], row["ip_latitude"]) == ("IDF", "3215", 48.85)
+
+
 def test_every_event_type_from_the_simulator_lands_typed_as_served(synced_10k, spec):
     events = synced_10k.events
     assert set(spec) <= {e["type"] for e in events}  # every type of the enum ...
