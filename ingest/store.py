@@ -30,12 +30,18 @@ log = logging.getLogger("ingest.store")
 MIGRATIONS = next(
     p for p in (Path(__file__).parent / "migrations", Path(__file__).parent.parent / "migrations") if p.is_dir()
 )
-_ARROW_TYPES = {
-    sa.Text: "string",
-    sa.BigInteger: "int64",
-    sa.Integer: "int32",
-    sa.Boolean: "bool_",
-    sa.Float: "float64",
+# Each column type's name for PostgreSQL's binary COPY (psycopg's names: the compiled FLOAT is not one) and
+# its Arrow type for DuckDB (a pyarrow factory and its arguments). Subclasses before their base: BigInteger
+# is an Integer, Double a Float. JSON is serialised text (model.dumps), tagged as Arrow's JSON type, which
+# DuckDB takes without parsing it again to validate it: validating took a third of `audit_events`' inserts.
+_COLUMN_TYPES = {
+    sa.DateTime: ("timestamp", ("timestamp", "us")),
+    sa.JSON: ("jsonb", ("json_",)),
+    sa.BigInteger: ("int8", ("int64",)),
+    sa.Integer: ("int4", ("int32",)),
+    sa.Boolean: ("bool", ("bool_",)),
+    sa.Float: ("float8", ("float64",)),
+    sa.Text: ("text", ("string",)),
 }
 
 
@@ -339,8 +345,8 @@ def _insert_duckdb(conn: sa.Connection, table: sa.Table, names: tuple[str, ...],
     staged = _arrow(table, rows)
     if not _is_arrow(staged):
         # A few values (a sweep's state) go as parameters: a sweep that fetches nothing then never imports
-        # pyarrow (a tenth of a quiet run's start-up). Only a few: binding costs about 0.25 ms a value (a 20-row upsert of
-        # `projects` took 20 ms bound, 4 ms from Arrow).
+        # pyarrow (a tenth of a quiet run's start-up). Only a few: binding costs about 0.25 ms a value
+        # (a 20-row upsert of `projects` took 20 ms bound, 4 ms from Arrow).
         columns = ", ".join(f'"{n}"' for n in names)
         values = ", ".join(["(" + ", ".join("?" * len(names)) + ")"] * len(rows))
         params = tuple(row[n] for row in rows for n in names)
@@ -420,12 +426,11 @@ def _stage(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: l
 def _copy(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: list[dict], target=None, before=None):
     """PostgreSQL: COPY `rows` into `table`, or into `target` (a psycopg identifier), after the statement `before`."""
     from psycopg import sql
+    from psycopg.types.json import set_json_dumps
 
     if target is None:
         schema = (conn.get_execution_options().get("schema_translate_map") or {}).get(None)
         target = sql.Identifier(*filter(None, (schema, table.name)))
-    from psycopg.types.json import set_json_dumps
-
     dbapi = conn.dialect.loaded_dbapi
     try:
         with conn.connection.driver_connection.cursor() as cursor:
@@ -445,37 +450,22 @@ def _copy(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: li
         raise sa.exc.DBAPIError.instance(f"COPY into {table.name}", None, exc, dbapi.Error) from exc
 
 
-# PostgreSQL's name of each column type for binary COPY: the compiled names are not all psycopg's (FLOAT).
-# Subclasses before their base (BigInteger is an Integer, Double a Float).
-_COPY_TYPES = {
-    sa.DateTime: "timestamp",
-    sa.JSON: "jsonb",
-    sa.BigInteger: "int8",
-    sa.Integer: "int4",
-    sa.Boolean: "bool",
-    sa.Float: "float8",
-    sa.Text: "text",
-}
+def _column_type(sql_type: sa.types.TypeEngine) -> tuple[str, tuple[str, ...]]:
+    for cls, types in _COLUMN_TYPES.items():
+        if isinstance(sql_type, cls):
+            return types
+    raise TypeError(f"no bulk type for {sql_type!r}: add it to store._COLUMN_TYPES")
 
 
 def _copy_type(sql_type: sa.types.TypeEngine) -> str:
-    for cls, name in _COPY_TYPES.items():
-        if isinstance(sql_type, cls):
-            return name
-    raise TypeError(f"no COPY type for {sql_type!r}: add it to store._COPY_TYPES")
+    return _column_type(sql_type)[0]
 
 
 def _arrow_type(sql_type: sa.types.TypeEngine):
     import pyarrow as pa
 
-    if isinstance(sql_type, sa.DateTime):
-        return pa.timestamp("us")
-    for cls, name in _ARROW_TYPES.items():
-        if isinstance(sql_type, cls):
-            return getattr(pa, name)()
-    # JSON: serialised text, tagged as Arrow's JSON type, which DuckDB takes as JSON without parsing it again to
-    # validate it (model.dumps wrote it); validating took a third of `audit_events`' insert time.
-    return pa.json_()
+    factory, *args = _column_type(sql_type)[1]
+    return getattr(pa, factory)(*args)
 
 
 def _newest_wins(table: sa.Table):
