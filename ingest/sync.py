@@ -284,9 +284,11 @@ def _slices(
     existing = [r.key.removeprefix(prefix) for r in rows if r.key.startswith(prefix)]
     n = int(existing[0].split("/")[1].partition("#")[0]) if existing else max(1, min(workers, until - since))
     pending = []
-    for i in range(n):
-        lo, hi = since + (until - since) * i // n, since + (until - since) * (i + 1) // n - 1
-        for stream_key, filters in streams(source):
+    # Stream by stream: the pool starts every slice of the main stream before the (usually smaller) tenant
+    # stream's, so that no worker is left with a large sweep at the end while the others idle.
+    for stream_key, filters in streams(source):
+        for i in range(n):
+            lo, hi = since + (until - since) * i // n, since + (until - since) * (i + 1) // n - 1
             key = f"{prefix}{i}/{n}{stream_key.removeprefix(source.name)}"
             state = store.load_state(conn, key)
             if state is None:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from support import KEY, cli, scalar, settings_for, stored_events
 
 from ingest import model, sync
+from ingest.config import load_settings
 from ingest.store import Warehouse
 
 DAY = 86400
@@ -187,3 +188,24 @@ def test_empty_window_is_refused_before_any_request(simulator, duckdb_url):
     result = cli("backfill", "--since", "2026-02-01", "--until", "2026-01-01", env=env)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "empty" in result.stderr
     assert server.sim.requests == 0
+
+
+def test_every_slice_of_the_main_stream_is_scheduled_before_the_tenant_streams(duckdb_url, monkeypatch):
+    # The pool takes sweeps in this order: a large main-stream slice started last would leave the other
+    # workers idle while it runs alone (the tenant stream is usually the smaller one).
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
+    settings = load_settings(None, database_url=duckdb_url)
+    warehouse = Warehouse(duckdb_url)
+    try:
+        warehouse.upgrade()
+        with warehouse.connect() as conn, conn.begin():
+            pending = sync._slices(conn, settings.sources[0], 1_000_000, 1_000_400, workers=4)
+            stored = conn.execute(sa.select(sa.func.count()).select_from(model.sync_state)).scalar()
+    finally:
+        warehouse.dispose()
+    keys = [state["key"].rpartition(":")[2] for state, _ in pending]
+    assert keys == ["0/4", "1/4", "2/4", "3/4", "0/4#tenant", "1/4#tenant", "2/4#tenant", "3/4#tenant"]
+    assert [(s["sweep_gte"], s["sweep_lte"]) for s, _ in pending[:4]] == [
+        (1_000_000, 1_000_099), (1_000_100, 1_000_199), (1_000_200, 1_000_299), (1_000_300, 1_000_399)
+    ]  # fmt: skip
+    assert [f.tenant_only for _, f in pending] == [False] * 4 + [True] * 4 and stored == 8
