@@ -1,6 +1,7 @@
 """The performance benchmark: a whole `audit-ingest run` against its download floor, and the issue's targets.
 
-    .venv/bin/python benchmarks/bench.py [--events 100000] [--skip-pg] [--skip-backfill] [--rss-series] [--repeat N]
+    .venv/bin/python benchmarks/bench.py [--events 100000] [--skip-pg] [--skip-backfill] [--skip-parts]
+                                         [--rss-series] [--repeat N]
 
 Everything runs as a user would run it: the simulator (`audit-ingest simulate`) in its own process, each
 measured command in a fresh process (wall time includes interpreter start; peak RSS and CPU time from wait4). Steps:
@@ -10,9 +11,11 @@ measured command in a fresh process (wall time includes interpreter start; peak 
 3. `audit-ingest run` into a fresh DuckDB file, then into a fresh PostgreSQL database when one answers;
    each stored copy is counted against the simulator. Wall, events/s, peak RSS, ratio to the floor, and
    how busy the simulator was meanwhile (above half the time it, not the tool, would set the pace).
-4. a second run with nothing new: its requests and wall time (median of three).
-5. `backfill --workers 1` and `--workers 4` against a simulator answering each request after 20 ms.
-6. with --rss-series: peak RSS of DuckDB runs of 10,000, 100,000 and 1,000,000 events (about 4 minutes).
+4. unless --skip-parts, a first run's two halves, each alone: the run without its bulk writes (`save_batch`
+   discards each batch), and the bulk writes of the same batches, built beforehand, with nothing else running.
+5. a second run with nothing new: its requests and wall time (median of three).
+6. `backfill --workers 1` and `--workers 4` against a simulator answering each request after 20 ms.
+7. with --rss-series: peak RSS of DuckDB runs of 10,000, 100,000 and 1,000,000 events (about 4 minutes).
 
 Prints the figures table, then MET / NOT MET per target; exits 1 when a target is not met.
 """
@@ -128,10 +131,14 @@ def timed(args: list[str], env: dict[str, str]) -> Finished:
 
 
 def ingest(command: list[str], sim: Simulator, database_url: str) -> Finished:
+    return timed([PYTHON, "-m", "ingest", *command], _env(sim, database_url))
+
+
+def _env(sim: Simulator, database_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_INGEST_", "OPENAI_"))}
     env.update(OPENAI_ADMIN_KEY=KEY, OPENAI_BASE_URL=sim.url, AUDIT_INGEST_DATABASE_URL=database_url,
                AUDIT_INGEST_LOG_LEVEL="WARNING")  # fmt: skip
-    return timed([PYTHON, "-m", "ingest", *command], env)
+    return env
 
 
 # ------------------------------------------------------------------------------------------ steps
@@ -157,6 +164,42 @@ def fetch_all(base_url: str, parse: bool) -> int:
                     break
                 after = tail.split(b'"last_id":"')[1].split(b'"')[0].decode()
     return count
+
+
+def run_without_writes() -> None:
+    """(In a child process.) `audit-ingest run` whose bulk writes discard their batch: the download, parsing,
+    normalising and staging of every batch, and everything else a run does but `store.save_batch`."""
+    import runpy
+
+    from ingest import store
+
+    store.save_batch = lambda conn, batch: set()
+    sys.argv = ["audit-ingest", "run"]
+    runpy.run_module("ingest", run_name="__main__")
+
+
+def writes_alone(base_url: str, database_url: str) -> None:
+    """(In a child process.) Every batch of a first run downloaded, normalised and staged first, then written as
+    a run writes them: a transaction per batch with its state row, then the close (DuckDB's checkpoint).
+    Prints the seconds of the writing: the warehouse's share of a run, with no Python work beside it."""
+    from ingest import store, sync
+    from ingest.api import Client, Query, fetch_pages
+
+    warehouse = store.Warehouse(database_url)
+    warehouse.upgrade()
+    batches = []
+    with Client(base_url, KEY) as client:
+        for tenant in (False, True):
+            pages = fetch_pages(client, Query(lte=int(time.time()), tenant_only=tenant))
+            batches += [batch.rows for batch in sync._normalised(pages, "bench", warehouse.dialect)]
+    state = {"key": "bench", "source": "bench", "kind": "incremental", "checkpoint": None,
+             "sweep_gte": None, "sweep_lte": None, "sweep_cursor": None}  # fmt: skip
+    start = time.perf_counter()
+    with warehouse.connect() as conn:
+        for batch in batches:
+            store.atomically(conn, lambda batch=batch: (store.save_batch(conn, batch), store.save_state(conn, state)))
+    warehouse.dispose()
+    print(time.perf_counter() - start)
 
 
 def _in_process(call: str) -> list[str]:
@@ -192,6 +235,22 @@ def first_run(name: str, sim: Simulator, database_url: str, count, floor_wall: f
         raise SystemExit(f"{name}: {stored} events stored, the simulator holds {sim.events}")
     note = f"{stored:,} stored = simulator's; simulator busy {busy:.0%}"
     return Measure(name, sim.events, done.wall, done.rss_mb, floor_wall, note, done.cpu), busy
+
+
+def pipeline_half(sim: Simulator, path: Path, floor_wall: float) -> Measure:
+    """A first run without its bulk writes, as a whole process like `run`, into a fresh DuckDB file."""
+    done = timed(_in_process("run_without_writes()"), _env(sim, f"duckdb:///{path}"))
+    note = "download, parse, normalise, stage; save_batch discards"
+    return Measure("run without bulk writes", sim.events, done.wall, done.rss_mb, floor_wall, note, done.cpu)
+
+
+def writes_half(name: str, sim: Simulator, database_url: str, count, floor_wall: float) -> Measure:
+    """The bulk writes of a first run's batches, built beforehand, with nothing else running (timed in process)."""
+    done = timed(_in_process(f"writes_alone({sim.url!r}, {database_url!r})"), dict(os.environ))
+    if count() != sim.events:
+        raise SystemExit(f"{name} writes alone: {count()} events stored, the simulator holds {sim.events}")
+    note = "batches prebuilt; transactions and close, timed in process"
+    return Measure(f"{name} writes alone", sim.events, float(done.stdout.strip()), None, floor_wall, note)
 
 
 def noop_runs(sim: Simulator, database_url: str, times: int = 3) -> tuple[Measure, int]:
@@ -306,6 +365,7 @@ def main() -> int:
     parser.add_argument("--skip-pg", action="store_true", help="no PostgreSQL run")
     parser.add_argument("--skip-backfill", action="store_true", help="no backfill runs")
     parser.add_argument("--backfill-events", type=int, default=50_000)
+    parser.add_argument("--skip-parts", action="store_true", help="no runs of a first run's halves alone")
     parser.add_argument("--rss-series", action="store_true", help="peak RSS at 10k, 100k and 1M events (slow)")
     parser.add_argument("--repeat", type=int, default=1, help="the median of this many runs of each timed step")
     args = parser.parse_args()
@@ -340,6 +400,11 @@ def main() -> int:
         target(ratio <= 3, f"DuckDB first run at most 3x the floor (aim 2x): {ratio:.2f}x")
         target(duck.rss_mb <= 200, f"peak RSS at most 200 MB: {duck.rss_mb:.0f} MB (DuckDB, {args.events:,} events)")
 
+        if not args.skip_parts:
+            measures.append(pipeline_half(sim, workdir / "no-writes.duckdb", base.wall))
+            path = workdir / "writes-alone.duckdb"
+            measures.append(writes_half("DuckDB", sim, f"duckdb:///{path}", duckdb_count(path), base.wall))
+
         noop, requests = noop_runs(sim, f"duckdb:///{workdir / 'warehouse-0.duckdb'}")
         measures.append(noop)
         target(requests <= 2 and noop.wall <= 1.0,
@@ -356,6 +421,12 @@ def main() -> int:
             pg = middle([postgres_run(pg_url if i == 0 else postgres_database()) for i in range(args.repeat)])
             measures.append(pg)
             target(pg.wall / base.wall <= 4, f"PostgreSQL first run at most 4x the floor: {pg.wall / base.wall:.2f}x")
+            if not args.skip_parts:
+                pg_url = postgres_database()
+                try:
+                    measures.append(writes_half("PostgreSQL", sim, pg_url, postgres_count(pg_url), base.wall))
+                finally:
+                    drop_postgres(pg_url)
         else:
             target(None, "PostgreSQL first run at most 4x the floor: " + ("skipped" if args.skip_pg else "no server"))
 

@@ -122,7 +122,8 @@ def test_status_matches_the_warehouse(simulator, db_url, tmp_path, key_env):
     warehouse.dispose()
 
     config = tmp_path / "audit-ingest.toml"
-    config.write_text('retention = "1s"\n')  # the newest event is seconds old: near this "retention"
+    config.write_text('retention = "1s"\n')  # the newest event is over a second old: near this "retention"
+    time.sleep(max(0.0, max(e["effective_at"] for e in server.sim.events) + 1 - time.time()))
     result = cli("--config", str(config), "status", env=env_for(db_url))
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.splitlines()
