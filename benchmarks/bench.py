@@ -240,6 +240,9 @@ def first_run(name: str, sim: Simulator, database_url: str, count, floor_wall: f
 def pipeline_half(sim: Simulator, path: Path, floor_wall: float) -> Measure:
     """A first run without its bulk writes, as a whole process like `run`, into a fresh DuckDB file."""
     done = timed(_in_process("run_without_writes()"), _env(sim, f"duckdb:///{path}"))
+    seen, stored = f"{sim.events:,} events seen," in done.stdout, duckdb_count(path)()
+    if not seen or stored:  # every event fetched, none written: else the patch of save_batch missed
+        raise SystemExit(f"run without bulk writes: {stored} events stored; its summary: {done.stdout.strip()}")
     note = "download, parse, normalise, stage; save_batch discards"
     return Measure("run without bulk writes", sim.events, done.wall, done.rss_mb, floor_wall, note, done.cpu)
 
@@ -313,6 +316,7 @@ def backfills(events: int, workdir: Path) -> tuple[Measure, Measure]:
     """`backfill --workers 1` and `--workers 4` of the whole history, each into a fresh file, 20 ms a request."""
     since = (datetime.now(UTC) - timedelta(days=31)).strftime("%Y-%m-%dT%H:%M:%SZ")
     result = []
+    workdir.mkdir(exist_ok=True)
     with Simulator(events, latency=0.02) as sim:
         for workers in (1, 4):
             path = workdir / f"backfill-{workers}.duckdb"
@@ -433,9 +437,8 @@ def main() -> int:
     if args.skip_backfill:
         target(None, "backfill --workers 4 at least 3x faster than --workers 1: skipped")
     else:
-        pairs = [
-            backfills(args.backfill_events, Path(tempfile.mkdtemp(prefix="audit-bench-"))) for _ in range(args.repeat)
-        ]
+        with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
+            pairs = [backfills(args.backfill_events, Path(tmp) / str(i)) for i in range(args.repeat)]
         one, four = middle([p[0] for p in pairs]), middle([p[1] for p in pairs])
         measures += [one, four]
         target(one.wall / four.wall >= 3, f"backfill --workers 4 at least 3x faster: {one.wall / four.wall:.2f}x")

@@ -190,10 +190,9 @@ def test_empty_window_is_refused_before_any_request(simulator, duckdb_url):
     assert server.sim.requests == 0
 
 
-def test_every_slice_of_the_main_stream_is_scheduled_before_the_tenant_streams(duckdb_url, monkeypatch):
+def test_every_slice_of_the_main_stream_is_scheduled_before_the_tenant_streams(duckdb_url, key_env):
     # The pool takes sweeps in this order: a large main-stream slice started last would leave the other
     # workers idle while it runs alone (the tenant stream is usually the smaller one).
-    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
     settings = load_settings(None, database_url=duckdb_url)
     warehouse = Warehouse(duckdb_url)
     try:
@@ -205,7 +204,6 @@ def test_every_slice_of_the_main_stream_is_scheduled_before_the_tenant_streams(d
         warehouse.dispose()
     keys = [state["key"].rpartition(":")[2] for state, _ in pending]
     assert keys == ["0/4", "1/4", "2/4", "3/4", "0/4#tenant", "1/4#tenant", "2/4#tenant", "3/4#tenant"]
-    assert [(s["sweep_gte"], s["sweep_lte"]) for s, _ in pending[:4]] == [
-        (1_000_000, 1_000_099), (1_000_100, 1_000_199), (1_000_200, 1_000_299), (1_000_300, 1_000_399)
-    ]  # fmt: skip
+    bounds = [(1_000_000, 1_000_099), (1_000_100, 1_000_199), (1_000_200, 1_000_299), (1_000_300, 1_000_399)]
+    assert [(s["sweep_gte"], s["sweep_lte"]) for s, _ in pending] == bounds * 2
     assert [f.tenant_only for _, f in pending] == [False] * 4 + [True] * 4 and stored == 8
