@@ -22,8 +22,9 @@ from ingest.store import Warehouse
 
 # The simulator answers each request this much later: a run lasts seconds even on a fast machine.
 LATENCY = 0.005
-# A backfill's workers fetch in parallel: it needs more time per page to outlast its kills.
-BACKFILL_LATENCY = 0.03
+# A backfill's workers fetch in parallel: it needs more time per page to outlast its kills (at 30 ms, a
+# balanced 2-worker backfill on a fast machine sometimes finished before its sixth kill).
+BACKFILL_LATENCY = 0.05
 
 
 @pytest.fixture
