@@ -441,10 +441,10 @@ def _copy(conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: li
                 target, sql.SQL(", ").join(map(sql.Identifier, names))
             )
             set_json_dumps(_json_text, context=cursor)  # JSON values are serialised already (model.dumps)
-            values = operator.itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
+            values = _values(names)
             with cursor.copy(copy_sql) as copy:
                 copy.set_types([_copy_type(table.c[n].type) for n in names])
-                for row in rows:  # every row has the same keys (model.normalise makes them so)
+                for row in rows:
                     copy.write_row(values(row))
     except dbapi.Error as exc:  # raw driver calls: wrap as SQLAlchemy would, for translate_errors
         raise sa.exc.DBAPIError.instance(f"COPY into {table.name}", None, exc, dbapi.Error) from exc
@@ -512,11 +512,15 @@ def _arrow(table: sa.Table, rows: list[dict]):
 
     names = [c.name for c in table.columns if c.name in rows[0]]
     # Column by column from a transposed list: a third faster than `from_pylist`'s lookups row by row.
-    # Every row has the same keys (model.normalise makes them so).
-    get = operator.itemgetter(*names)
-    columns = zip(*map(get, rows), strict=True) if len(names) > 1 else [list(map(get, rows))]
+    columns = zip(*map(_values(names), rows), strict=True)
     types = [_arrow_type(table.c[n].type) for n in names]
     return pa.Table.from_arrays([pa.array(v, t) for v, t in zip(columns, types, strict=True)], names=names)
+
+
+def _values(names) -> Callable[[dict], tuple]:
+    """A row's values of `names`, as a tuple (itemgetter's, which returns a bare value for one name).
+    Every row has the same keys: model.normalise makes them so."""
+    return operator.itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
 
 
 def _is_arrow(rows) -> bool:
