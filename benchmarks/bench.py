@@ -179,9 +179,11 @@ def run_without_writes() -> None:
 
 
 def writes_alone(base_url: str, database_url: str) -> None:
-    """(In a child process.) Every batch of a first run downloaded, normalised and staged first, then written as
-    a run writes them: a transaction per batch with its state row, then the close (DuckDB's checkpoint).
-    Prints the seconds of the writing: the warehouse's share of a run, with no Python work beside it."""
+    """(In a child process.) Every batch of a first run downloaded, normalised and staged first, then written by
+    the run's own write step (`sync._save`: a transaction per batch with its cursor), then the close (DuckDB's
+    checkpoint). Prints the seconds of the writing: the warehouse's share of a run, with no Python work beside it."""
+    import threading
+
     from ingest import store, sync
     from ingest.api import Client, Query, fetch_pages
 
@@ -191,13 +193,14 @@ def writes_alone(base_url: str, database_url: str) -> None:
     with Client(base_url, KEY) as client:
         for tenant in (False, True):
             pages = fetch_pages(client, Query(lte=int(time.time()), tenant_only=tenant))
-            batches += [batch.rows for batch in sync._normalised(pages, "bench", warehouse.dialect)]
+            batches += sync._normalised(pages, "bench", warehouse.dialect)
     state = {"key": "bench", "source": "bench", "kind": "incremental", "checkpoint": None,
              "sweep_gte": None, "sweep_lte": None, "sweep_cursor": None}  # fmt: skip
+    summary, lock = sync.RunSummary("bench"), threading.Lock()
     start = time.perf_counter()
     with warehouse.connect() as conn:
         for batch in batches:
-            store.atomically(conn, lambda batch=batch: (store.save_batch(conn, batch), store.save_state(conn, state)))
+            sync._save(conn, state, batch, summary, lock)
     warehouse.dispose()
     print(time.perf_counter() - start)
 
