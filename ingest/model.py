@@ -345,10 +345,13 @@ audit_events = sa.Table(
     sa.Column("payload", JSON),  # the object under the key equal to `type`
     sa.Column("raw", JSON, nullable=False),  # the whole event as served
     _ts("ingested_at", nullable=False),
+    sa.Column("batch_seq", sa.BigInteger),  # the committed batch that stored it: ingest_batches.seq
     _pg_key("id"),
 )
 # PostgreSQL only (migration 0001): DuckDB prunes range scans with zone maps, ART indexes would only slow inserts.
 sa.Index("audit_events_effective_at", audit_events.c.effective_at).ddl_if(dialect="postgresql")
+# Consumers read events by batch; on DuckDB the zone maps of an increasing column prune as well as an index.
+sa.Index("audit_events_batch_seq", audit_events.c.batch_seq).ddl_if(dialect="postgresql")
 sa.Index("audit_events_type_effective_at", audit_events.c.type, audit_events.c.effective_at).ddl_if(
     dialect="postgresql"
 )
@@ -402,6 +405,27 @@ sync_runs = sa.Table(
     sa.Column("retries", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("rate_limit_wait", sa.Float, nullable=False, server_default="0"),
     sa.Column("error", sa.Text),
+)
+
+# The committed-batch log (ingest.batchlog): one row per batch that stored events, numbered in commit order.
+ingest_batches = sa.Table(
+    "ingest_batches",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("state_key", sa.Text, nullable=False),  # the sweep that committed it (sync_state.key)
+    _ts("committed_at", nullable=False),
+    sa.Column("events", sa.BigInteger, nullable=False),  # events it stored
+    _ts("min_effective_at"),
+    _ts("max_effective_at"),
+)
+# One row, the last sequence number given. A writer takes it first in its batch's transaction and holds its
+# row lock until commit: numbers are given in commit order, which a SEQUENCE does not promise.
+ingest_batch_counter = sa.Table(
+    "ingest_batch_counter",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
 )
 
 rejected_events = sa.Table(

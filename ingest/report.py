@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from ingest import model
+from ingest import batchlog, model
 from ingest.config import Settings
+from ingest.state import Key
 from ingest.store import Warehouse, now
-from ingest.sync import backfill_window
 
 
 def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
@@ -28,11 +28,14 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
         # A source's incremental state is one row per stream; its backfills one row per slice and stream.
         states: dict[str, list] = {}
         backfills: dict[str, dict[tuple[int, int], list[int]]] = {}
+        consumers: dict[str, int] = {}
         for r in conn.execute(sa.select(state)):
             if r.kind == "incremental":
                 states.setdefault(r.source, []).append(r)
-            else:
-                done_total = backfills.setdefault(r.source, {}).setdefault(backfill_window(r.key), [0, 0])
+            elif r.kind == "consumer":
+                consumers[r.source] = r.checkpoint or 0
+            elif r.kind == "backfill":
+                done_total = backfills.setdefault(r.source, {}).setdefault(Key.parse(r.key).window, [0, 0])
                 done_total[0] += r.checkpoint is not None
                 done_total[1] += 1
         last = {}
@@ -43,6 +46,7 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
                 .group_by(runs.c.source)
             )
             last[status] = {r.source: r.at for r in conn.execute(q)}
+        last_batch = batchlog.last_seq(conn)
         errors = {
             r.source: r.error
             for r in conn.execute(
@@ -82,6 +86,15 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
                     if done < total
                 ),
                 "warning": warning,
+            }
+        )
+    for name, seq in sorted(consumers.items()):
+        rows.append(
+            {
+                **dict.fromkeys(rows[0] if rows else ("source", "checkpoint", "sweep"), ""),
+                "source": f"consumer {name}",
+                "checkpoint": f"batch {seq} of {last_batch}",
+                "sweep": f"{last_batch - seq:,} batches behind" if seq < last_batch else "",
             }
         )
     return rows

@@ -32,7 +32,7 @@ from ingest.config import Settings, Source
 from ingest.errors import ConfigError, IngestError
 from ingest.metrics import Metrics
 from ingest.store import Warehouse
-from ingest.sync import Progress, RunSummary, client_for, sync_source
+from ingest.sync import Progress, RunSummary, client_for, feed_consumers, sync_source
 
 log = logging.getLogger("ingest.daemon")
 
@@ -103,6 +103,7 @@ class SourceJob:
 
                 summary = sync_source(warehouse, client, self.source, self.settings, stop=self.stop,
                                       on_progress=on_progress)  # fmt: skip
+                feed_consumers(self.settings, warehouse)
             log.info("%s", summary.line())
             outcome, self.failures, self.skip = summary.status, 0, 0  # ok, or skipped: another process syncs it
         except Interrupted:

@@ -27,10 +27,11 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from ingest import model, store
+from ingest import batchlog, model, store
 from ingest.api import Client, CursorRejected, Interrupted, Page, Query, fetch_pages
 from ingest.config import Settings, Source
 from ingest.errors import BadResponseError, ConfigError, IngestError
+from ingest.state import Key, SweepState
 
 log = logging.getLogger("ingest.sync")
 
@@ -114,9 +115,18 @@ def run_sources(
                 raise
             failure = failure or exc
             log.error("%s: %s", source.name, exc)
+    feed_consumers(settings, warehouse)
     if failure:
         raise failure
     return summaries
+
+
+def feed_consumers(settings: Settings, warehouse: store.Warehouse) -> None:
+    """After a sync: the configured consumers (rules, sinks) process what committed since their checkpoints.
+    Their failures are logged and never fail the sync (ingest.consumers)."""
+    from ingest import consumers
+
+    consumers.run(warehouse, consumers.configured(settings))
 
 
 def client_for(settings: Settings, source: Source, stop: threading.Event | None = None, transport=None) -> Client:
@@ -132,17 +142,18 @@ def client_for(settings: Settings, source: Source, stop: threading.Event | None 
     )
 
 
-def streams(source: Source) -> list[tuple[str, Query]]:
-    """(state key, filters) of each sweep a complete copy of the source needs: the API serves
+def streams(source: Source) -> list[tuple[Key, Query]]:
+    """(incremental state key, filters) of each sweep a complete copy of the source needs: the API serves
     tenant-scoped events only to `tenant_only=true` requests, and only those there."""
     result = []
-    for suffix, tenant in (("", False), ("#tenant", True)):
+    for tenant in (False, True):
         types = tuple(t for t in source.event_types if model.is_tenant_scoped(t) == tenant)
         if (tenant and not source.tenant_events) or (source.event_types and not types):
             continue
         result.append(
-            (source.name + suffix, Query(event_types=types, project_ids=source.project_ids, tenant_only=tenant))
-        )
+            (Key("incremental", source.name, tenant),
+             Query(event_types=types, project_ids=source.project_ids, tenant_only=tenant))
+        )  # fmt: skip
     return result
 
 
@@ -168,27 +179,21 @@ def sync_source(
                     resumed = True
                     while resumed:  # a resumed sweep ends at its old bound: then sweep again up to now
                         with conn.begin():
-                            state = store.load_state(conn, key) or {
-                                "key": key, "source": source.name, "kind": "incremental", "checkpoint": None,
-                                "sweep_gte": None, "sweep_lte": None, "sweep_cursor": None,
-                            }  # fmt: skip
-                            resumed = state["sweep_lte"] is not None
+                            state = SweepState.load(conn, str(key)) or SweepState.for_key(key)
+                            resumed = state.unfinished
                             if resumed:
-                                log.info("%s: resuming the unfinished sweep at cursor %s", key, state["sweep_cursor"])
+                                log.info("%s: resuming the unfinished sweep at cursor %s", key, state.sweep_cursor)
                             else:
-                                checkpoint = state["checkpoint"]
-                                if checkpoint is not None:
-                                    state["sweep_gte"] = checkpoint - int(settings.lookback)
-                                elif settings.start is not None:
-                                    state["sweep_gte"] = int(settings.start.timestamp())
-                                state["sweep_lte"] = int(time.time())
-                                store.save_state(conn, state)
+                                if state.checkpoint is not None:
+                                    gte = state.checkpoint - int(settings.lookback)
+                                else:
+                                    gte = None if settings.start is None else int(settings.start.timestamp())
+                                state.start(gte, int(time.time()))
+                                state.save(conn)
                         sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress)
                         with conn.begin():
-                            state.update(
-                                checkpoint=state["sweep_lte"], sweep_gte=None, sweep_lte=None, sweep_cursor=None
-                            )
-                            store.save_state(conn, state)
+                            state.finish()
+                            state.save(conn)
     return summary
 
 
@@ -236,18 +241,18 @@ def backfill_source(
     summary = RunSummary(source.name, kind="backfill")
     lock = threading.Lock()
 
-    def run_slice(state: dict, filters: Query) -> None:
+    def run_slice(state: SweepState, filters: Query) -> None:
         with warehouse.connect() as conn:
             sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, lock=lock)
             with lock, conn.begin():
-                state.update(checkpoint=state["sweep_lte"], sweep_gte=None, sweep_lte=None, sweep_cursor=None)
-                store.save_state(conn, state)
+                state.finish()
+                state.save(conn)
 
     with warehouse.connect() as conn, _recorded(conn, summary, client):
         with conn.begin():
             pending = _slices(conn, source, since, until, workers)
         for state, _ in pending:  # the whole remaining window is known now: progress has a total from the start
-            summary.coverage[state["key"]] = (0, state["sweep_lte"] - state["sweep_gte"] + 1)
+            summary.coverage[state.key] = (0, state.sweep_lte - state.sweep_gte + 1)
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="backfill") as pool:
             futures = [pool.submit(run_slice, state, filters) for state, filters in pending]
             try:
@@ -263,7 +268,7 @@ def backfill_source(
 
 def _slices(
     conn: sa.Connection, source: Source, since: int, until: int | None, workers: int
-) -> list[tuple[dict, Query]]:
+) -> list[tuple[SweepState, Query]]:
     """The unfinished slice sweeps of the backfill [since, until), created on its first run.
 
     Keys are `backfill:<source>:<since>:<until>:<i>/<n>` plus the stream suffix. A rerun finds the rows of
@@ -275,43 +280,35 @@ def _slices(
             model.sync_state.c.source == source.name, model.sync_state.c.kind == "backfill"
         )
     ).all()
+    keys = [Key.parse(r.key) for r in rows]
     if until is None:
-        unfinished = [
-            r.key for r in rows if r.checkpoint is None and r.key.startswith(f"backfill:{source.name}:{since}:")
-        ]
-        until = backfill_window(unfinished[0])[1] if unfinished else math.ceil(time.time())
-    prefix = f"backfill:{source.name}:{since}:{until}:"
-    existing = [r.key.removeprefix(prefix) for r in rows if r.key.startswith(prefix)]
-    n = int(existing[0].split("/")[1].partition("#")[0]) if existing else max(1, min(workers, until - since))
+        unfinished = [k for k, r in zip(keys, rows, strict=True) if r.checkpoint is None and k.window[0] == since]
+        until = unfinished[0].window[1] if unfinished else math.ceil(time.time())
+    existing = [k for k in keys if k.window == (since, until)]
+    n = existing[0].slice[1] if existing else max(1, min(workers, until - since))
     pending = []
     # Stream by stream: the pool starts every slice of the main stream before the (usually smaller) tenant
     # stream's, so that no worker is left with a large sweep at the end while the others idle.
     for stream_key, filters in streams(source):
         for i in range(n):
             lo, hi = since + (until - since) * i // n, since + (until - since) * (i + 1) // n - 1
-            key = f"{prefix}{i}/{n}{stream_key.removeprefix(source.name)}"
-            state = store.load_state(conn, key)
+            key = Key("backfill", source.name, stream_key.tenant, (since, until), (i, n))
+            state = SweepState.load(conn, str(key))
             if state is None:
-                state = {"key": key, "source": source.name, "kind": "backfill", "checkpoint": None,
-                         "sweep_gte": lo, "sweep_lte": hi, "sweep_cursor": None}  # fmt: skip
-                store.save_state(conn, state)
-            if state["checkpoint"] is None:
+                state = SweepState.for_key(key)
+                state.start(lo, hi)
+                state.save(conn)
+            if state.checkpoint is None:
                 pending.append((state, filters))
     window = " to ".join(datetime.fromtimestamp(t, UTC).isoformat() for t in (since, until))
     log.info("%s: backfill [%s) in %d slices, %d sweeps to do", source.name, window, n, len(pending))
     return pending
 
 
-def backfill_window(key: str) -> tuple[int, int]:
-    """(since, until) of a backfill's state key."""
-    _, _, since, until, _ = key.split(":")
-    return int(since), int(until)
-
-
 def sweep(
     conn: sa.Connection,
     client: Client,
-    state: dict,
+    state: SweepState,
     filters: Query,
     summary: RunSummary,
     *,
@@ -324,19 +321,19 @@ def sweep(
     Concurrent sweeps (backfill slices) share `lock`: it serialises their writes and `summary` updates,
     because concurrent upserts of the same actor rows would conflict (DuckDB) or deadlock (PostgreSQL).
     """
-    gte, lte = state["sweep_gte"], state["sweep_lte"]
+    gte, lte = state.sweep_gte, state.sweep_lte
     query = dataclasses.replace(filters, gte=gte, lte=lte)
     if gte is not None:
-        summary.coverage[state["key"]] = (0, lte - gte + 1)
+        summary.coverage[state.key] = (0, lte - gte + 1)
     stop = stop or threading.Event()
     lock = lock or threading.Lock()
     while True:
         try:
-            pages = _ahead(fetch_pages(client, query, state["sweep_cursor"]), PREFETCH_PAGES)
+            pages = _ahead(fetch_pages(client, query, state.sweep_cursor), PREFETCH_PAGES)
             if conn.dialect.name == "duckdb":  # see PREFETCH_PAGES: no Python work beside DuckDB's statements
-                batches = _normalised(pages, state["source"], conn.dialect.name, lock)
+                batches = _normalised(pages, state.source, conn.dialect.name, lock)
             else:
-                batches = _ahead(_normalised(pages, state["source"], conn.dialect.name), 1)
+                batches = _ahead(_normalised(pages, state.source, conn.dialect.name), 1)
             for batch in batches:
                 _save(conn, state, batch, summary, lock)
                 del batch  # not kept alive while waiting for the next one
@@ -345,20 +342,20 @@ def sweep(
                 if stop.is_set():
                     raise Interrupted("stopped")
             if gte is not None:
-                summary.coverage[state["key"]] = (lte - gte + 1, lte - gte + 1)
+                summary.coverage[state.key] = (lte - gte + 1, lte - gte + 1)
             return
         except CursorRejected as exc:
-            if state["sweep_cursor"] is None:
+            if state.sweep_cursor is None:
                 raise
             # Its event may have expired; the sweep restarts from the top, and insert-if-absent makes that harmless.
-            log.warning("%s: %s; restarting the sweep from its top", state["key"], exc)
-            state["sweep_cursor"] = None
+            log.warning("%s: %s; restarting the sweep from its top", state.key, exc)
+            state.sweep_cursor = None
         except BadResponseError as exc:
             if exc.body is None:
                 raise
             # No cursor lies beyond an unusable page: keep its body for a person, fail the run, move nothing.
             with lock, conn.begin():
-                store.save_rejected(conn, state["source"], [(exc.body, "unusable page: " + str(exc))])
+                store.save_rejected(conn, state.source, [(exc.body, "unusable page: " + str(exc))])
             summary.rejected += 1
             raise
 
@@ -413,13 +410,19 @@ def _normalise(pages: list[Page], source: str, dialect: str, lock: threading.Loc
     )
 
 
-def _save(conn: sa.Connection, state: dict, batch: _Batch, summary: RunSummary, lock: threading.Lock) -> None:
+def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSummary, lock: threading.Lock) -> None:
     def write() -> set[str]:
-        new = store.save_batch(conn, batch.rows)
+        seq = batchlog.take(conn)
+        new = store.save_batch(conn, batch.rows, seq)
+        if new:
+            span = store.span_of(batch.rows.events, new)
+            batchlog.record(conn, seq, state.source, state.key, len(new), span)
+        else:
+            batchlog.give_back(conn, seq)
         if batch.rejected:
-            store.save_rejected(conn, state["source"], batch.rejected)
-        state["sweep_cursor"] = batch.cursor
-        store.save_state(conn, state)
+            store.save_rejected(conn, state.source, batch.rejected)
+        state.sweep_cursor = batch.cursor
+        state.save(conn)
         return new
 
     with lock:  # concurrent sweeps (backfill slices) overlap all but their writes
@@ -431,9 +434,9 @@ def _save(conn: sa.Connection, state: dict, batch: _Batch, summary: RunSummary, 
         # Replays: counted once.
         mismatches = Counter(t for event_id, t in batch.rows.mismatches.items() if event_id in new)
         summary.mismatches.update(mismatches)
-        if batch.oldest is not None and state["key"] in summary.coverage:
-            done, width = summary.coverage[state["key"]]
-            summary.coverage[state["key"]] = (max(done, min(width, state["sweep_lte"] - batch.oldest)), width)
+        if batch.oldest is not None and state.key in summary.coverage:
+            done, width = summary.coverage[state.key]
+            summary.coverage[state.key] = (max(done, min(width, state.sweep_lte - batch.oldest)), width)
         for kind in mismatches.keys() - _mismatch_logged:
             _mismatch_logged.add(kind)
             log.warning("payload of %s does not match its declared shape; stored what fits (raw JSON kept)", kind)

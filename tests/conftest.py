@@ -21,6 +21,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture
+def key_env(monkeypatch) -> None:
+    """The simulator's key in OPENAI_ADMIN_KEY, for syncs run in the test's process."""
+    monkeypatch.setenv("OPENAI_ADMIN_KEY", SIMULATOR_KEY)
+
+
+@pytest.fixture
 def simulator() -> Iterator[Callable[..., SimulatorServer]]:
     """Factory: `simulator(**Simulator kwargs)` -> a started SimulatorServer (key "sk-admin-test" unless
     given), stopped at teardown. The Simulator is `server.sim`, the base URL `server.url`."""

@@ -28,11 +28,6 @@ postgresql_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=Tru
 SKIPPED = "default: skipped, another ingester is syncing it"
 
 
-@pytest.fixture
-def key_env(monkeypatch):
-    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
-
-
 def assert_exact(sim, url, schema=None):
     assert stored_events(url, schema) == {e["id"]: e for e in sim.events}
 

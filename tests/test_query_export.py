@@ -16,17 +16,12 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from support import KEY, cli, settings_for, sync
+from support import cli, settings_for, sync
 
 from ingest import model
 from ingest.errors import IngestError
 from ingest.store import Warehouse
 from ingest.sync import backfill
-
-
-@pytest.fixture
-def key_env(monkeypatch):
-    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
 
 
 def select(url: str, query) -> list:

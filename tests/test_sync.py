@@ -8,17 +8,11 @@ import subprocess
 import sys
 import time
 
-import pytest
 from support import KEY, cli, scalar, settings_for, stored_events, sync
 
 from ingest.model import is_tenant_scoped
 from ingest.store import Warehouse
 from ingest.sync import run_sources
-
-
-@pytest.fixture
-def key_env(monkeypatch):
-    monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
 
 
 def assert_exact(sim, url):
@@ -156,10 +150,11 @@ def test_expired_cursor_restarts_the_sweep_from_its_top(simulator, db_url, key_e
     warehouse = Warehouse(db_url)
     warehouse.ensure_schema()
     with warehouse.connect() as conn, conn.begin():
-        from ingest.store import save_state
+        from ingest.state import SweepState
 
-        save_state(conn, {"key": "default", "source": "default", "kind": "incremental", "checkpoint": None,
-                          "sweep_gte": None, "sweep_lte": int(time.time()), "sweep_cursor": "audit_log-gone"})  # fmt: skip
+        SweepState("default", "default", "incremental", sweep_lte=int(time.time()), sweep_cursor="audit_log-gone").save(
+            conn
+        )
     [summary] = run_sources(settings, warehouse, settings.sources)
     warehouse.dispose()
     assert summary.events_new == 800

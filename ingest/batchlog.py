@@ -1,0 +1,101 @@
+"""The committed-batch log: every batch that stores events gets a sequence number, in commit order.
+
+A writer takes the next number first thing in its batch's transaction (`take`), which locks the counter row
+until the transaction ends: a second writer waits there, so a number is visible only once every lower number
+is (or was rolled back and is given again). A consumer that has read up to N and then reads after N never
+misses a batch, also with several ingesters on one PostgreSQL. The price: writers of one warehouse serialise
+their batches' writes (their downloads and normalising still overlap).
+
+`read_after` is the one way to read the log; `ingest.consumers` runs its users from their checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from ingest import model
+from ingest.store import now
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    id: str
+    effective_at: datetime
+    raw: dict  # the event's JSON as served
+
+
+@dataclass(frozen=True)
+class CommittedBatch:
+    seq: int
+    source: str
+    state_key: str  # the sweep that committed it (sync_state.key): its kind says incremental or backfill
+    committed_at: datetime
+    events: list[StoredEvent]  # id order
+
+
+def take(conn: sa.Connection) -> int:
+    """The next sequence number, holding the counter's row lock until the transaction ends."""
+    counter = model.ingest_batch_counter
+    stmt = pg_insert(counter).values(id=1, seq=1)
+    stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"seq": counter.c.seq + 1}).returning(counter.c.seq)
+    return conn.execute(stmt).scalar_one()
+
+
+def give_back(conn: sa.Connection, seq: int) -> None:
+    """A batch that stored nothing gets no number: the log lists only batches with events."""
+    counter = model.ingest_batch_counter
+    conn.execute(counter.update().where(counter.c.id == 1, counter.c.seq == seq).values(seq=seq - 1))
+
+
+def record(
+    conn: sa.Connection, seq: int, source: str, state_key: str, events: int, span: tuple[datetime, datetime]
+) -> None:
+    """The log's row of batch `seq` (in its transaction), whose `events` events carry `batch_seq = seq`."""
+    conn.execute(
+        model.ingest_batches.insert().values(
+            seq=seq, source=source, state_key=state_key, committed_at=now(), events=events,
+            min_effective_at=span[0], max_effective_at=span[1],
+        )
+    )  # fmt: skip
+
+
+def last_seq(conn: sa.Connection) -> int:
+    """The highest committed sequence number, 0 for an empty log."""
+    return conn.execute(sa.select(sa.func.coalesce(sa.func.max(model.ingest_batches.c.seq), 0))).scalar_one()
+
+
+def read_after(conn: sa.Connection, after: int, *, max_events: int = 20000) -> list[CommittedBatch]:
+    """The committed batches after `after`, in sequence order, with their events: whole batches, at least
+    one, and no more than fit in `max_events` beyond the first."""
+    batches = model.ingest_batches
+    rows = conn.execute(sa.select(batches).where(batches.c.seq > after).order_by(batches.c.seq).limit(1000)).all()
+    chosen, total = [], 0
+    for row in rows:
+        if chosen and total + row.events > max_events:
+            break
+        chosen.append(row)
+        total += row.events
+    if not chosen:
+        return []
+    ev = model.audit_events
+    events: dict[int, list[StoredEvent]] = {row.seq: [] for row in chosen}
+    for seq, event_id, at, raw in conn.execute(
+        sa.select(ev.c.batch_seq, ev.c.id, ev.c.effective_at, ev.c.raw)
+        .where(ev.c.batch_seq.between(chosen[0].seq, chosen[-1].seq))
+        .order_by(ev.c.batch_seq, ev.c.id)
+    ):
+        events[seq].append(StoredEvent(event_id, at, raw if isinstance(raw, dict) else orjson.loads(raw)))
+    return [CommittedBatch(r.seq, r.source, r.state_key, r.committed_at, events[r.seq]) for r in chosen]
+
+
+def iter_after(conn: sa.Connection, after: int, *, max_events: int = 20000) -> Iterator[CommittedBatch]:
+    """Every committed batch after `after`, read in chunks of `read_after`."""
+    while batches := read_after(conn, after, max_events=max_events):
+        yield from batches
+        after = batches[-1].seq

@@ -1,0 +1,131 @@
+"""Rows of `sync_state`: a sweep's progress, or a consumer's checkpoint, as types with one key format.
+
+Keys (source names hold no `:` or `#`, config.Source checks):
+
+| kind | key | checkpoint |
+|---|---|---|
+| incremental | `<source>` or `<source>#tenant` | swept up to here (Unix s) |
+| backfill | `backfill:<source>:<since>:<until>:<i>/<n>` (+ `#tenant`) | set when the slice is done |
+| consumer | `consumer:<name>` | the last committed batch it processed (ingest_batches.seq) |
+
+A sweep covers [sweep_gte, sweep_lte] (Unix seconds, inclusive) newest first; `sweep_cursor` is the last id
+of the pages committed so far. All three are NULL when no sweep is unfinished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import sqlalchemy as sa
+
+from ingest import model
+from ingest.store import insert_rows, now
+
+TENANT = "#tenant"
+
+
+@dataclass(frozen=True)
+class Key:
+    """A parsed state key."""
+
+    kind: str  # incremental | backfill | consumer
+    name: str  # the source, or the consumer
+    tenant: bool = False
+    window: tuple[int, int] | None = None  # backfill: [since, until)
+    slice: tuple[int, int] | None = None  # backfill: (i, n)
+
+    @classmethod
+    def parse(cls, text: str) -> Key:
+        if text.startswith("consumer:"):
+            return cls("consumer", text.removeprefix("consumer:"))
+        body, tenant = (text.removesuffix(TENANT), True) if text.endswith(TENANT) else (text, False)
+        if not body.startswith("backfill:"):
+            return cls("incremental", body, tenant)
+        _, source, since, until, part = body.split(":")
+        i, n = part.split("/")
+        return cls("backfill", source, tenant, (int(since), int(until)), (int(i), int(n)))
+
+    def __str__(self) -> str:
+        if self.kind == "consumer":
+            return f"consumer:{self.name}"
+        suffix = TENANT if self.tenant else ""
+        if self.kind == "incremental":
+            return self.name + suffix
+        (since, until), (i, n) = self.window, self.slice
+        return f"backfill:{self.name}:{since}:{until}:{i}/{n}{suffix}"
+
+    @staticmethod
+    def backfill_prefix(source: str, since: int, until: int | None = None) -> str:
+        """The start every slice key of the backfill from `since` (to `until`) has."""
+        return f"backfill:{source}:{since}:" + ("" if until is None else f"{until}:")
+
+
+@dataclass
+class SweepState:
+    """An incremental stream's or a backfill slice's row: its checkpoint and its unfinished sweep."""
+
+    key: str
+    source: str
+    kind: str
+    checkpoint: int | None = None
+    sweep_gte: int | None = None
+    sweep_lte: int | None = None
+    sweep_cursor: str | None = None
+
+    @classmethod
+    def load(cls, conn: sa.Connection, key: str) -> SweepState | None:
+        row = _load(conn, key)
+        return None if row is None else cls(**{k: row[k] for k in _SWEEP_FIELDS})
+
+    @classmethod
+    def for_key(cls, key: Key) -> SweepState:
+        return cls(str(key), key.name, key.kind)
+
+    @property
+    def unfinished(self) -> bool:
+        return self.sweep_lte is not None
+
+    def start(self, gte: int | None, lte: int) -> None:
+        """A new sweep of [gte, lte] (gte None: everything the API holds up to lte), from its top."""
+        self.sweep_gte, self.sweep_lte, self.sweep_cursor = gte, lte, None
+
+    def finish(self) -> None:
+        """The sweep is complete: the checkpoint moves to its upper bound."""
+        self.checkpoint, self.sweep_gte, self.sweep_lte, self.sweep_cursor = self.sweep_lte, None, None, None
+
+    def save(self, conn: sa.Connection) -> None:
+        _save(conn, asdict(self))
+
+
+_SWEEP_FIELDS = ("key", "source", "kind", "checkpoint", "sweep_gte", "sweep_lte", "sweep_cursor")
+
+
+@dataclass
+class ConsumerState:
+    """A consumer's checkpoint on the committed-batch log."""
+
+    name: str
+    seq: int = 0
+
+    @classmethod
+    def load(cls, conn: sa.Connection, name: str) -> ConsumerState | None:
+        row = _load(conn, str(Key("consumer", name)))
+        return None if row is None else cls(name, row["checkpoint"] or 0)
+
+    def save(self, conn: sa.Connection) -> None:
+        _save(conn, {"key": str(Key("consumer", self.name)), "source": self.name, "kind": "consumer",
+                     "checkpoint": self.seq})  # fmt: skip
+
+
+def _load(conn: sa.Connection, key: str) -> dict | None:
+    row = conn.execute(sa.select(model.sync_state).where(model.sync_state.c.key == key)).mappings().first()
+    return dict(row) if row else None
+
+
+def _save(conn: sa.Connection, row: dict) -> None:
+    row = {**row, "updated_at": now()}
+    insert_rows(conn, model.sync_state, [row], update=_update_all_but_key)
+
+
+def _update_all_but_key(excluded) -> dict:
+    return {c.name: excluded[c.name] for c in model.sync_state.columns if c.name != "key"}
