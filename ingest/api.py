@@ -1,7 +1,8 @@
 """The audit-log endpoint: `Client.get_page` fetches one page with retries, `fetch_pages` follows the cursor.
 
-Retries: 429 (honouring `retry-after-ms` / `Retry-After`), 500/502/503/504, connection errors, resets,
-timeouts and bodies that do not parse (truncated). Never 400/401/403/404: those need a person.
+Each attempt's outcome is classified once (`classify`, a `Failure`); the retriable ones are retried: 429
+(honouring `retry-after-ms` / `Retry-After`), 500/502/503/504, connection errors, resets, timeouts and
+bodies that do not parse (truncated). Never 400/401/403/404: those need a person.
 One Client may serve several threads (backfill slices): a 429 seen by one pauses them all.
 """
 
@@ -21,10 +22,13 @@ import orjson
 
 from ingest import __version__
 from ingest.errors import (
+    ApiError,
     ApiUnavailableError,
     AuthError,
     BadResponseError,
-    IngestError,
+    CursorRejected,
+    Failure,
+    Interrupted,
     NotEnabledError,
     RateLimitedError,
 )
@@ -34,16 +38,6 @@ log = logging.getLogger("ingest.api")
 PATH = "/organization/audit_logs"
 PAGE_SIZE = 100  # the API's maximum
 _TRANSIENT_STATUS = {500, 502, 503, 504}
-
-
-class CursorRejected(BadResponseError):
-    """The API refused a stored `after` cursor (e.g. its event expired): restart the sweep."""
-
-
-class Interrupted(IngestError):
-    """A stop was requested (SIGTERM/SIGINT) while waiting."""
-
-    exit_code = 0
 
 
 @dataclass(frozen=True)
@@ -123,7 +117,7 @@ class Client:
 
     def get_page(self, query: Query, after: str | None = None) -> Page:
         params = query.params(after)
-        failure, unusable = "no attempt made", b""
+        failure, detail, unusable = Failure.TRANSPORT, "no attempt made", b""
         for attempt in range(self._max_retries + 1):
             self._wait_for_pause()
             with self._lock:
@@ -132,45 +126,54 @@ class Client:
             try:
                 response = self._http.get(PATH, params=params)
             except httpx.TransportError as exc:
-                failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                failure, detail = Failure.TRANSPORT, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
-                status = response.status_code
-                if status == 200:
+                found = classify(response, after)
+                if found is None:
                     try:
                         return parse_page(response.content)
                     except ValueError as exc:
-                        failure, unusable = f"unusable response body ({exc})", response.content
-                elif status == 429:
-                    failure = "rate limited (429)"
-                    delay = _retry_after(response.headers)
-                elif status in _TRANSIENT_STATUS:
-                    failure = f"HTTP {status}"
-                else:
-                    raise _permanent_error(response, after)
+                        found, detail, unusable = Failure.UNUSABLE_BODY, f"({exc})", response.content
+                if not found.retriable:
+                    raise _fatal(found, response, after)
+                failure = found
+                if failure is Failure.RATE_LIMITED:
+                    detail, delay = "(429)", _retry_after(response.headers)
+                elif failure is Failure.SERVER:
+                    detail = f"HTTP {response.status_code}"
             if attempt == self._max_retries:
                 break
             delay = self._backoff(attempt) if delay is None else min(delay, self._max_delay)
-            log.warning("request failed (%s); retry %d/%d in %.2fs", failure, attempt + 1, self._max_retries, delay)
+            log.warning(
+                "request failed (%s %s); retry %d/%d in %.2fs", failure.value, detail, attempt + 1, self._max_retries,
+                delay,
+            )  # fmt: skip
             with self._lock:
                 self.stats.retries += 1
-                if failure.startswith("rate limited"):
+                if failure is Failure.RATE_LIMITED:
                     self.stats.rate_limit_wait += delay
                     self._paused_until = max(self._paused_until, time.monotonic() + delay)
             self._sleep(delay)
-        if failure.startswith("rate limited"):
-            raise RateLimitedError(
+        raise self._exhausted(failure, detail, unusable)
+
+    def _exhausted(self, failure: Failure, detail: str, unusable: bytes) -> ApiError:
+        """The error of a retriable failure that lasted through the whole retry budget."""
+        if failure is Failure.RATE_LIMITED:
+            return RateLimitedError(
                 f"still rate limited by the API after {self._max_retries} retries; "
                 "wait and run again, or lower the sync frequency"
             )
-        if failure.startswith("unusable"):
-            raise BadResponseError(
-                f"the API kept returning an {failure}; retried {self._max_retries} times "
+        if failure is Failure.UNUSABLE_BODY:
+            return BadResponseError(
+                f"the API kept returning an unusable response body {detail}; retried {self._max_retries} times "
                 "(the checkpoint is safe: run again later, and report it if it persists)",
                 body=unusable.decode("utf-8", "replace").replace("\0", "\ufffd"),  # text columns hold no NUL
+                failure=failure,
             )
-        raise ApiUnavailableError(
-            f"cannot reach the audit-log API at {self._http.base_url} ({failure}) after {self._max_retries} "
-            "retries; check the network and OPENAI_BASE_URL, then run again (the checkpoint is safe)"
+        return ApiUnavailableError(
+            f"cannot reach the audit-log API at {self._http.base_url} ({detail}) after {self._max_retries} "
+            "retries; check the network and OPENAI_BASE_URL, then run again (the checkpoint is safe)",
+            failure=failure,
         )
 
     def _backoff(self, attempt: int) -> float:
@@ -324,20 +327,38 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return None
 
 
-def _permanent_error(response: httpx.Response, after: str | None) -> IngestError:
+def classify(response: httpx.Response, after: str | None) -> Failure | None:
+    """How a response failed, or None for a 200 (whose body may still prove unusable)."""
     status = response.status_code
-    detail = _error_message(response)
+    if status == 200:
+        return None
+    if status == 429:
+        return Failure.RATE_LIMITED
+    if status in _TRANSIENT_STATUS:
+        return Failure.SERVER
     if status == 401:
+        return Failure.UNAUTHORIZED
+    if status == 403:
+        return Failure.FORBIDDEN
+    if status in (400, 404) and after:
+        return Failure.CURSOR_REJECTED
+    return Failure.REJECTED
+
+
+def _fatal(failure: Failure, response: httpx.Response, after: str | None) -> ApiError:
+    """The error of a failure that needs a person (or, for a cursor, a restarted sweep)."""
+    status, detail = response.status_code, _error_message(response)
+    if failure is Failure.UNAUTHORIZED:
         return AuthError(
             "the API rejected the admin key (401): check OPENAI_ADMIN_KEY holds an organization admin key (sk-admin-...)"
         )
-    if status == 403:
+    if failure is Failure.FORBIDDEN:
         return NotEnabledError(
             "the API refused access (403): enable audit logging in the organization's settings "
             "(Data controls) and use an admin key with the api.audit_logs.read scope"
             + (f" [{detail}]" if detail else "")
         )
-    if status in (400, 404) and after:
+    if failure is Failure.CURSOR_REJECTED:
         return CursorRejected(f"the API rejected the cursor {after!r} ({status}: {detail})", status)
     return BadResponseError(f"the API answered {status}: {detail or response.reason_phrase}", status)
 

@@ -21,15 +21,14 @@ from typing import IO, TYPE_CHECKING
 import orjson
 import sqlalchemy as sa
 
-from ingest import model
+from ingest import backends, model
+from ingest.backends.common import arrow_type
 from ingest.config import Settings
 from ingest.errors import ConfigError, DatabaseError, DatabaseInUseError
-from ingest.store import Warehouse, _arrow_type
+from ingest.store import Warehouse
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-CHUNK = 10_000  # rows per record batch
 
 
 @contextmanager
@@ -127,14 +126,14 @@ def export_events(
     since, until = (t.astimezone(UTC).replace(tzinfo=None) for t in (since, until))  # the warehouse is naive UTC
     columns = model.audit_events.columns
     # JSON as plain text: CSV has no JSON type, and readers of the Parquet file then need no extension.
-    types = [_arrow_type(c.type) for c in columns]
+    types = [arrow_type(c.type) for c in columns]
     arrow_schema = pa.schema([(c.name, getattr(t, "storage_type", t)) for c, t in zip(columns, types, strict=True)])
     partial = output.with_name(f".{output.name}.partial")
     count = 0
     try:
         write, close = _writer(fmt, partial, arrow_schema)
         try:
-            for batch in _batches(conn, schema, since, until, arrow_schema):
+            for batch in backends.for_dialect(conn.dialect.name).read_events(conn, schema, since, until, arrow_schema):
                 write(batch)
                 count += batch.num_rows
         finally:
@@ -145,38 +144,6 @@ def export_events(
     finally:
         partial.unlink(missing_ok=True)
     return count
-
-
-def _batches(
-    conn: sa.Connection, schema: str | None, since: datetime, until: datetime, arrow_schema: pa.Schema
-) -> Iterator[pa.RecordBatch]:
-    events = model.audit_events
-    if conn.dialect.name == "duckdb":
-        table = f'"{schema}".audit_events' if schema else "audit_events"
-        names = ", ".join(f'"{c.name}"' for c in events.columns)
-        # A relation's reader streams (an executed cursor's would copy every row first).
-        relation = conn.connection.driver_connection.sql(
-            f"SELECT {names} FROM {table} WHERE effective_at >= ? AND effective_at < ? ORDER BY effective_at, id",
-            params=[since, until],
-        )
-        with relation.to_arrow_reader(CHUNK) as reader:
-            for batch in reader:
-                yield batch.cast(arrow_schema)  # DuckDB's FLOAT is 32-bit
-        return
-    import pyarrow as pa
-
-    # JSON as text: the raw JSON as stored, and no parsing of every value into Python objects.
-    columns = [sa.cast(c, sa.Text).label(c.name) if isinstance(c.type, sa.JSON) else c for c in events.columns]
-    query = (
-        sa.select(*columns)
-        .where(events.c.effective_at >= since, events.c.effective_at < until)
-        .order_by(events.c.effective_at, events.c.id)
-    )
-    for rows in conn.execution_options(yield_per=CHUNK).execute(query).partitions():
-        yield pa.RecordBatch.from_arrays(
-            [pa.array(values, f.type) for values, f in zip(zip(*rows, strict=True), arrow_schema, strict=True)],
-            schema=arrow_schema,
-        )
 
 
 def _writer(fmt: str, path: Path, arrow_schema: pa.Schema) -> tuple[Callable, Callable[[], None]]:

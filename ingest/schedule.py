@@ -27,9 +27,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from ingest import model
-from ingest.api import Interrupted
 from ingest.config import Settings, Source
-from ingest.errors import ConfigError, IngestError
+from ingest.errors import ConfigError, IngestError, Interrupted
 from ingest.metrics import Metrics
 from ingest.store import Warehouse
 from ingest.sync import Progress, RunSummary, client_for, feed_consumers, sync_source

@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from ingest import batchlog, model, store
-from ingest.api import Client, CursorRejected, Interrupted, Page, Query, fetch_pages
+from ingest import backends, batchlog, model, store
+from ingest.api import Client, Page, Query, fetch_pages
 from ingest.config import Settings, Source
-from ingest.errors import BadResponseError, ConfigError, IngestError
+from ingest.errors import BadResponseError, ConfigError, CursorRejected, IngestError, Interrupted
 from ingest.state import Key, SweepState
 
 log = logging.getLogger("ingest.sync")
@@ -41,7 +41,7 @@ log = logging.getLogger("ingest.sync")
 BATCH_EVENTS = 5000
 BATCH_SECONDS = 1.0
 # Downloading runs this many pages ahead in a thread of its own. Normalising runs one batch ahead in another
-# thread while PostgreSQL's server works on the last one. On DuckDB it stays in the writing thread, and
+# thread while PostgreSQL's server works on the last one. On DuckDB it stays in the writing thread (the backend's NORMALISE_AHEAD), and
 # concurrent sweeps (backfill slices) normalise under the writers' lock: DuckDB takes the GIL back a dozen
 # times per statement, each a wait of up to 5 ms while another thread computes (benchmarks/README.md).
 PREFETCH_PAGES = 50
@@ -330,10 +330,10 @@ def sweep(
     while True:
         try:
             pages = _ahead(fetch_pages(client, query, state.sweep_cursor), PREFETCH_PAGES)
-            if conn.dialect.name == "duckdb":  # see PREFETCH_PAGES: no Python work beside DuckDB's statements
-                batches = _normalised(pages, state.source, conn.dialect.name, lock)
-            else:
+            if backends.for_dialect(conn.dialect.name).NORMALISE_AHEAD:
                 batches = _ahead(_normalised(pages, state.source, conn.dialect.name), 1)
+            else:  # see PREFETCH_PAGES: no Python work beside the engine's statements
+                batches = _normalised(pages, state.source, conn.dialect.name, lock)
             for batch in batches:
                 _save(conn, state, batch, summary, lock)
                 del batch  # not kept alive while waiting for the next one

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from support import KEY, cli, scalar, stored_events, sync
 
 from ingest import model, store
+from ingest.backends import postgresql as postgresql_backend
 from ingest.simulator import Simulator
 from ingest.store import Warehouse
 
@@ -95,7 +96,7 @@ def test_a_locked_source_is_skipped_before_any_request_then_synced_once_free(sim
 
 @postgresql_only
 def test_with_lock_wait_the_second_ingester_waits_then_syncs(simulator, db_url, key_env, caplog, monkeypatch):
-    monkeypatch.setattr(store, "LOCK_POLL_SECONDS", 0.05)
+    monkeypatch.setattr(postgresql_backend, "LOCK_POLL_SECONDS", 0.05)
     caplog.set_level(logging.INFO, logger="ingest")
     server = simulator(events=500, seed=23)
     other = Warehouse(db_url)

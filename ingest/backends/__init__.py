@@ -1,0 +1,71 @@
+"""Warehouse backends: one module per engine, each with the functions of `Backend`.
+
+`ingest.store` is generic and asks `for_dialect(url's dialect)` for the engine's module. To add a backend:
+write a module with these functions, name it in SUPPORTED, and make the migrations and `model` work on it
+(tests/test_migrations.py builds the model both ways on every backend).
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+import sqlalchemy as sa
+
+from ingest.errors import ConfigError, IngestError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from ingest import model
+
+# dialect name -> module. A URL of any other dialect is refused before anything is created.
+SUPPORTED = {"duckdb": "ingest.backends.duckdb", "postgresql": "ingest.backends.postgresql"}
+
+T = TypeVar("T")
+
+
+class Backend(Protocol):
+    # Normalising a batch while the engine writes the previous one: PostgreSQL's server works apart from the
+    # GIL; DuckDB's statements take it back often, so its batches are normalised between statements.
+    NORMALISE_AHEAD: bool
+
+    def engine_options(self, read_only: bool) -> dict[str, Any]:
+        """create_engine keywords: pooling, the engine's settings, read-only opens."""
+
+    def lock(
+        self, conn: sa.Connection, schema: str | None, name: str, *, wait: bool, stop: threading.Event | None
+    ) -> AbstractContextManager[bool]:
+        """Holds `name`'s lock on `conn` for the block; yields False if another session holds it."""
+
+    def translate(self, text: str, location: str) -> IngestError | None:
+        """The error to raise for a driver error's text, if this backend knows better than DatabaseError."""
+
+    def atomically(self, conn: sa.Connection, work: Callable[[], T]) -> T:
+        """`work()` in one transaction."""
+
+    def stage(self, batch: model.Batch) -> model.Batch:
+        """The batch in the backend's bulk form, built before its transaction starts."""
+
+    def insert(
+        self, conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: Any,
+        update: Callable | None, returning: str | None, absent: bool,
+    ) -> list:  # fmt: skip
+        """Insert-if-absent (or upsert) of `rows` in one bulk statement (see store.insert_rows)."""
+
+    def read_events(
+        self, conn: sa.Connection, schema: str | None, since: Any, until: Any, arrow_schema: pa.Schema
+    ) -> Iterator[pa.RecordBatch]:
+        """`audit_events` of [since, until), oldest first, as Arrow record batches of `arrow_schema`."""
+
+
+def for_dialect(dialect: str) -> Backend:
+    if dialect not in SUPPORTED:
+        raise ConfigError(
+            f"unsupported database {dialect!r}: the supported backends are {' and '.join(SUPPORTED)}"
+            " (e.g. duckdb:///audit_logs.duckdb or postgresql+psycopg://user@host/db)"
+        )
+    return cast(Backend, importlib.import_module(SUPPORTED[dialect]))

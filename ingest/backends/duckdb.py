@@ -1,0 +1,187 @@
+"""DuckDB: one file, one writing process, bulk writes as INSERT ... SELECT from Arrow tables.
+
+Event tables carry no key (migration 0003): inserts of `audit_events` skip the ids stored already, searched
+only in the batch's time range, which zone maps prune.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from ingest import model
+from ingest.backends.common import CHUNK, TABLES, arrow_table, insert_statement, is_arrow
+from ingest.errors import DatabaseInUseError, IngestError
+
+log = logging.getLogger("ingest.store")
+
+T = TypeVar("T")
+
+# Named up front: SQLAlchemy otherwise finds duckdb-engine through the installed packages' entry points,
+# a tenth of a second of every run's start.
+sa.dialects.registry.register("duckdb", "duckdb_engine", "Dialect")
+
+# A writer's settings (a URL's query string overrides them). At the default 16 MB of WAL, DuckDB checkpoints
+# every few batches, and each checkpoint re-compresses the whole last row group of every table it touched:
+# most of a first run's time. One thread: a second only doubles the CPU of small inserts on a machine whose
+# other core downloads. A memory limit keeps a run's memory flat whatever the size of the log (DuckDB's cache
+# would otherwise grow to 80% of RAM); below 64 MB, a batch's inserts no longer fit, and a batch of unusually
+# large events gets twice as much (`atomically`).
+CONFIG = {"checkpoint_threshold": "256MB", "threads": 1, "memory_limit": "64MB"}
+MEMORY_LIMIT_MAX = 4 * 2**30
+_BYTES = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}  # 'P': no limit
+
+# A few values (a sweep's state) go as bound parameters: a sweep that fetches nothing then never imports
+# pyarrow. Only a few: binding costs about 0.25 ms a value, far more than Arrow for a batch.
+_BOUND_VALUES = 10
+
+NORMALISE_AHEAD = False
+
+
+def engine_options(read_only: bool) -> dict[str, Any]:
+    # No pool: the file is opened for a run and released after it, so others can open it between runs.
+    # Closing discards what was not committed; a rollback first would only add a traceback to the one-line
+    # error when DuckDB has invalidated the database (disk full, I/O error). Readers share the file.
+    return {
+        "poolclass": sa.pool.NullPool,
+        "pool_reset_on_return": None,
+        "connect_args": {"read_only": True} if read_only else {"config": CONFIG},
+    }
+
+
+@contextmanager
+def lock(
+    conn: sa.Connection, schema: str | None, name: str, *, wait: bool, stop: threading.Event | None
+) -> Iterator[bool]:
+    yield True  # the file lock already keeps every other process out
+
+
+def translate(text: str, location: str) -> IngestError | None:
+    lowered = text.lower()
+    if "lock" in lowered and ("conflicting" in lowered or "could not set" in lowered):
+        holder = re.search(r"PID (\d+)", text)
+        return DatabaseInUseError(
+            f"database {location} is in use by another process"
+            + (f" (pid {holder[1]})" if holder else "")
+            + ": wait for it to finish, or use PostgreSQL for concurrent access"
+        )
+    return None
+
+
+def atomically(conn: sa.Connection, work: Callable[[], T]) -> T:
+    """`work()` in one transaction. One that outgrows the memory limit (a batch of unusually large events) runs
+    again with the limit doubled, up to MEMORY_LIMIT_MAX, rather than failing every run at the same batch."""
+    while True:
+        try:
+            with conn.begin():
+                return work()
+        except sa.exc.DBAPIError as exc:
+            if not _out_of_memory(exc.orig):
+                raise
+            with conn.begin():
+                limit = conn.exec_driver_sql("SELECT current_setting('memory_limit')").scalar()
+                size, unit = re.match(r"([\d.]+)\s*(\w+)", limit).groups()
+                doubled = 2 * float(size) * _BYTES[unit[0].upper()]
+                if doubled > MEMORY_LIMIT_MAX:
+                    raise exc from None
+                conn.exec_driver_sql(f"SET memory_limit = '{int(doubled) // 2**10}KiB'")
+            log.warning("a batch needed more than DuckDB's memory limit of %s: trying again with twice as much", limit)
+
+
+def _out_of_memory(error: BaseException | None) -> bool:
+    import duckdb
+
+    # At commit, the same shortage comes as a TransactionException ("Failed to commit: failed to pin block").
+    return isinstance(error, duckdb.OutOfMemoryException) or (
+        isinstance(error, duckdb.TransactionException) and "failed to pin block" in str(error)
+    )
+
+
+def stage(batch: model.Batch) -> model.Batch:
+    """One Arrow table per table (a few values stay rows: bound parameters), built before the first statement:
+    Python work between DuckDB statements makes each of them wait for the GIL the download thread holds."""
+    return model.Batch(
+        arrow(model.audit_events, batch.events),
+        {name: arrow(TABLES[name], rows) for name, rows in batch.typed.items() if rows},
+        {name: arrow(TABLES[name], rows) for name, rows in batch.dimensions.items() if rows},
+        batch.mismatches,
+    )
+
+
+def arrow(table: sa.Table, rows: list[dict]):
+    """An Arrow table of `rows`; unchanged if they are a few values, or an Arrow table already."""
+    if is_arrow(rows) or not rows or len(rows) * len(rows[0]) <= _BOUND_VALUES:
+        return rows
+    return arrow_table(table, rows)
+
+
+def insert(
+    conn: sa.Connection, table: sa.Table, names: tuple[str, ...], rows: Any,
+    update: Callable | None, returning: str | None, absent: bool,
+) -> list:  # fmt: skip
+    # The statement's text is compiled once per shape: duckdb-engine turns SQLAlchemy's statement cache off,
+    # and compiling an upsert costs more than inserting a batch. `update` is in the key as itself: callers pass
+    # module-level functions, or one per table (store.newest_wins).
+    translate_map = conn.get_execution_options().get("schema_translate_map")
+    key = (table, names, update, returning, absent, translate_map and tuple(translate_map.items()))
+    sql = _SQL.get(key)
+    if sql is None:
+        batch = sa.table("_batch", *map(sa.column, names))
+        source = sa.select(*batch.c)
+        if table is model.audit_events and not absent:
+            source, absent = source.where(~_stored(batch)), True
+        compiled = insert_statement(table, names, source, update, returning, absent).compile(
+            dialect=conn.dialect, schema_translate_map=translate_map, render_schema_translate=bool(translate_map)
+        )
+        sql = _SQL[key] = str(compiled)
+    staged = arrow(table, rows)
+    if not is_arrow(staged):
+        columns = ", ".join(f'"{n}"' for n in names)
+        values = ", ".join(["(" + ", ".join("?" * len(names)) + ")"] * len(rows))
+        params = tuple(row[n] for row in rows for n in names)
+        result = conn.exec_driver_sql(f"WITH _batch ({columns}) AS (VALUES {values}) {sql}", params)
+        return result.scalars().all() if returning else []
+    # Found by name by DuckDB's replacement scan, which looks in the calling frame: that is why the DuckDB
+    # connection is called directly. Half the cost of registering the table as a view and dropping it.
+    _batch = staged  # noqa: F841
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        result = conn.connection.driver_connection.execute(sql)
+        return [r[0] for r in result.fetchall()] if returning else []
+    except dbapi.Error as exc:  # a raw driver call: wrapped as SQLAlchemy would, for the error translation
+        raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
+
+
+_SQL: dict[tuple, str] = {}
+
+
+def _stored(batch: sa.TableClause) -> sa.Exists:
+    """Whether a batch's event is stored. Only the batch's time range is searched: its events' effective_at
+    bounds let DuckDB skip the other row groups by their zone maps."""
+    events = model.audit_events.alias("stored")
+    at = batch.c.effective_at
+    return sa.exists().where(
+        events.c.id == batch.c.id,
+        events.c.effective_at.between(
+            sa.select(sa.func.min(at)).scalar_subquery(), sa.select(sa.func.max(at)).scalar_subquery()
+        ),
+    )
+
+
+def read_events(conn: sa.Connection, schema: str | None, since, until, arrow_schema) -> Iterator:
+    table = f'"{schema}".audit_events' if schema else "audit_events"
+    names = ", ".join(f'"{n}"' for n in arrow_schema.names)
+    # A relation's reader streams (an executed cursor's would copy every row first).
+    relation = conn.connection.driver_connection.sql(
+        f"SELECT {names} FROM {table} WHERE effective_at >= ? AND effective_at < ? ORDER BY effective_at, id",
+        params=[since, until],
+    )
+    with relation.to_arrow_reader(CHUNK) as reader:
+        for batch in reader:
+            yield batch.cast(arrow_schema)  # DuckDB's FLOAT is 32-bit
