@@ -7,4 +7,4 @@ __version__ = "0.1.0"
 # httpx imports its command-line tool, and with it rich's and pygments' machinery, whenever those are
 # installed: a third of httpx's import time, paid by every run. A None module makes that import fail,
 # which httpx expects: it then leaves the tool out.
-sys.modules.setdefault("httpx._main", None)
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]

@@ -50,8 +50,8 @@ class Query:
     project_ids: tuple[str, ...] = ()
     tenant_only: bool = False
 
-    def params(self, after: str | None) -> list[tuple[str, str | int]]:
-        params: list[tuple[str, str | int]] = [("limit", PAGE_SIZE)]
+    def params(self, after: str | None) -> list[tuple[str, str | int | float | bool | None]]:
+        params: list[tuple[str, str | int | float | bool | None]] = [("limit", PAGE_SIZE)]
         if self.gte is not None:
             params.append(("effective_at[gte]", self.gte))
         if self.lte is not None:
@@ -215,7 +215,7 @@ def parse_page(body: bytes) -> Page:
     # NUL arrives only as an escape, lone surrogates and overflowing numbers only via the stdlib parser:
     # only such bodies need the walk through every value.
     walk = stdlib or b"\\u0000" in body
-    events, rejected, first = [], [], {}
+    events, rejected, first = [], [], {}  # type: list[dict], list[tuple[str, str]], dict[str, dict]
     for item in data:
         reason = _invalid_event(item) or (_unstorable(item) if walk else None)
         if not reason and item["id"] in first:

@@ -42,9 +42,9 @@ class CommittedBatch:
 def take(conn: sa.Connection) -> int:
     """The next sequence number, holding the counter's row lock until the transaction ends."""
     counter = model.ingest_batch_counter
-    stmt = pg_insert(counter).values(id=1, seq=1)
-    stmt = stmt.on_conflict_do_update(index_elements=["id"], set_={"seq": counter.c.seq + 1}).returning(counter.c.seq)
-    return conn.execute(stmt).scalar_one()
+    upsert = pg_insert(counter).values(id=1, seq=1)
+    upsert = upsert.on_conflict_do_update(index_elements=["id"], set_={"seq": counter.c.seq + 1})
+    return conn.execute(upsert.returning(counter.c.seq)).scalar_one()
 
 
 def give_back(conn: sa.Connection, seq: int) -> None:
@@ -75,7 +75,8 @@ def read_after(conn: sa.Connection, after: int, *, max_events: int = 20000) -> l
     one, and no more than fit in `max_events` beyond the first."""
     batches = model.ingest_batches
     rows = conn.execute(sa.select(batches).where(batches.c.seq > after).order_by(batches.c.seq).limit(1000)).all()
-    chosen, total = [], 0
+    chosen: list = []
+    total = 0
     for row in rows:
         if chosen and total + row.events > max_events:
             break

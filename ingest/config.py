@@ -137,7 +137,8 @@ class Settings(BaseModel):
     @model_validator(mode="after")
     def _checks(self) -> Settings:
         parts = urlsplit(self.base_url)
-        loopback = parts.hostname in ("localhost", "::1") or parts.hostname.startswith("127.")
+        host = parts.hostname or ""
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
         if parts.scheme == "http" and not loopback and not self.allow_insecure_http:
             raise ValueError(
                 f"base_url {self.base_url!r} is plain http to a non-loopback host, which would send the "

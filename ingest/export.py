@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 def reader(settings: Settings, wait: float) -> Iterator[sa.Connection]:
     """A read-only connection, retrying for `wait` seconds while a sync holds the DuckDB file."""
     warehouse = Warehouse(settings.database_url, settings.db_schema, read_only=True)
-    if warehouse.dialect == "duckdb" and not Path(warehouse.location).exists():
+    if warehouse.dialect == "duckdb" and not Path(str(warehouse.location)).exists():
         raise DatabaseError(f"no warehouse at {warehouse.location} yet: run `audit-ingest run` first")
     deadline = time.monotonic() + wait
     try:

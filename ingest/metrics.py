@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -32,7 +33,7 @@ class Metrics:
         self.lag = metric(Gauge, "audit_ingest_lag_seconds", "Now minus the newest stored event.")
         self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
 
-    def serve(self, port: int, addr: str) -> object:
+    def serve(self, port: int, addr: str) -> Any:
         """Starts the /metrics HTTP server in a thread; returns the server (its `shutdown()` stops it)."""
         try:
             server, _thread = start_http_server(port, addr, registry=self.registry)

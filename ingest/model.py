@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
 JSON = sa.JSON().with_variant(JSONB(), "postgresql")
-SQL_TYPES = {"str": sa.Text, "int": sa.BigInteger, "bool": sa.Boolean, "object": JSON}
+SQL_TYPES: dict[str, Any] = {"str": sa.Text, "int": sa.BigInteger, "bool": sa.Boolean, "object": JSON}
 
 
 @dataclass(frozen=True)
@@ -565,11 +565,11 @@ _NO_ACTOR = dict.fromkeys(
 )
 
 
-def _actor_columns(actor: dict) -> dict:
+def _actor_columns(actor: dict) -> dict[str, Any]:
     session, key = _obj(actor.get("session")), _obj(actor.get("api_key"))
     user = _obj(session.get("user")) or _obj(key.get("user"))
     account = key.get("service_account")
-    cols = {
+    cols: dict[str, Any] = {
         "actor_type": _str(actor.get("type")),
         "actor_user_id": _str(user.get("id")),
         "actor_email": _str(user.get("email")),

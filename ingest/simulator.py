@@ -725,7 +725,8 @@ class Simulator:
 
     # -- storage -----------------------------------------------------------------------------------
     def _record(self, ev: dict[str, Any]) -> _Rec:
-        actor, email, actors = ev["actor"], None, ()
+        actor, email = ev["actor"], None
+        actors: tuple[str, ...] = ()
         if actor is not None:
             if actor["type"] == "session":
                 user = actor["session"]["user"]
@@ -783,7 +784,8 @@ class Simulator:
         for base in self._base.values():
             for rec in base[: bisect.bisect_left(base, cutoff)]:
                 del self._by_id[rec.id]
-        for lists in (self._base, *self._postings.values()):
+        every: list[dict[Any, list[_Rec]]] = [self._base, *self._postings.values()]
+        for lists in every:
             for k in list(lists):
                 lst = lists[k]
                 if lst and lst[0] < cutoff:
@@ -1107,7 +1109,7 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         path, _, query = self.path.partition("?")
-        resp = self.server.sim.handle(self.command, path, query, self.headers)
+        resp = self.server.sim.handle(self.command, path, query, dict(self.headers.items()))
         if resp.delay:
             time.sleep(resp.delay)
         if resp.fault == "reset":

@@ -31,8 +31,8 @@ class Key:
     kind: str  # incremental | backfill | consumer
     name: str  # the source, or the consumer
     tenant: bool = False
-    window: tuple[int, int] | None = None  # backfill: [since, until)
-    slice: tuple[int, int] | None = None  # backfill: (i, n)
+    window: tuple[int, int] = (0, 0)  # backfill: [since, until); (0, 0) for the other kinds
+    slice: tuple[int, int] = (0, 0)  # backfill: (i, n)
 
     @classmethod
     def parse(cls, text: str) -> Key:
@@ -80,6 +80,12 @@ class SweepState:
     @classmethod
     def for_key(cls, key: Key) -> SweepState:
         return cls(str(key), key.name, key.kind)
+
+    @property
+    def width(self) -> int:
+        """Seconds in the sweep's window, both bounds included (a backfill slice's: both are set)."""
+        assert self.sweep_gte is not None and self.sweep_lte is not None, "a bounded sweep"
+        return self.sweep_lte - self.sweep_gte + 1
 
     @property
     def unfinished(self) -> bool:

@@ -69,7 +69,7 @@ class Warehouse:
             yield
         except sa.exc.DBAPIError as exc:
             text = str(exc.orig) if exc.orig is not None else str(exc)
-            known = self.backend.translate(text, self.location)
+            known = self.backend.translate(text, str(self.location))
             if known is not None:
                 raise known from None
             first_line = text.strip().splitlines()[0] if text.strip() else type(exc.orig).__name__
@@ -157,7 +157,9 @@ def _head_revision() -> str:
     revisions, parents = set(), set()
     for path in (MIGRATIONS / "versions").glob("*.py"):
         text = path.read_text()
-        revisions.add(re.search(r'^revision = "(\w+)"', text, re.M)[1])
+        revision = re.search(r'^revision = "(\w+)"', text, re.M)
+        assert revision, f"{path.name} names no revision"
+        revisions.add(revision[1])
         parent = re.search(r'^down_revision = "(\w+)"', text, re.M)
         if parent:
             parents.add(parent[1])
@@ -210,7 +212,7 @@ def newest_wins(table: sa.Table) -> Callable:
 
     def set_(excluded):
         newer = excluded.last_seen >= table.c.last_seen
-        values = {
+        values: dict[str, Any] = {
             "first_seen": sa.func.least(table.c.first_seen, excluded.first_seen),
             "last_seen": sa.func.greatest(table.c.last_seen, excluded.last_seen),
         }
@@ -304,7 +306,7 @@ def rebuild_typed(conn: sa.Connection, chunk: int = 5000) -> int:
         batch = model.Batch(typed={t.name: [] for t in model.TYPED_TABLES})
         for row in rows:
             raw = row.raw if isinstance(row.raw, dict) else orjson.loads(row.raw)
-            family = model.FAMILY_OF_TYPE.get(raw.get("type"))
+            family = model.FAMILY_OF_TYPE.get(str(raw.get("type")))
             if family is not None:
                 model.typed_rows(batch.typed, family, row.id, raw.get(raw["type"]))
         for table in model.TYPED_TABLES:

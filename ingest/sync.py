@@ -184,6 +184,7 @@ def sync_source(
                             if resumed:
                                 log.info("%s: resuming the unfinished sweep at cursor %s", key, state.sweep_cursor)
                             else:
+                                gte: int | None
                                 if state.checkpoint is not None:
                                     gte = state.checkpoint - int(settings.lookback)
                                 else:
@@ -252,7 +253,7 @@ def backfill_source(
         with conn.begin():
             pending = _slices(conn, source, since, until, workers)
         for state, _ in pending:  # the whole remaining window is known now: progress has a total from the start
-            summary.coverage[state.key] = (0, state.sweep_lte - state.sweep_gte + 1)
+            summary.coverage[state.key] = (0, state.width)
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="backfill") as pool:
             futures = [pool.submit(run_slice, state, filters) for state, filters in pending]
             try:
@@ -322,6 +323,7 @@ def sweep(
     because concurrent upserts of the same actor rows would conflict (DuckDB) or deadlock (PostgreSQL).
     """
     gte, lte = state.sweep_gte, state.sweep_lte
+    assert lte is not None, "a sweep in progress has an upper bound"
     query = dataclasses.replace(filters, gte=gte, lte=lte)
     if gte is not None:
         summary.coverage[state.key] = (0, lte - gte + 1)
@@ -436,7 +438,7 @@ def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSum
         summary.mismatches.update(mismatches)
         if batch.oldest is not None and state.key in summary.coverage:
             done, width = summary.coverage[state.key]
-            summary.coverage[state.key] = (max(done, min(width, state.sweep_lte - batch.oldest)), width)
+            summary.coverage[state.key] = (max(done, min(width, (state.sweep_lte or 0) - batch.oldest)), width)
         for kind in mismatches.keys() - _mismatch_logged:
             _mismatch_logged.add(kind)
             log.warning("payload of %s does not match its declared shape; stored what fits (raw JSON kept)", kind)

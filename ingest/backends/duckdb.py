@@ -85,8 +85,8 @@ def atomically(conn: sa.Connection, work: Callable[[], T]) -> T:
             if not _out_of_memory(exc.orig):
                 raise
             with conn.begin():
-                limit = conn.exec_driver_sql("SELECT current_setting('memory_limit')").scalar()
-                size, unit = re.match(r"([\d.]+)\s*(\w+)", limit).groups()
+                limit = str(conn.exec_driver_sql("SELECT current_setting('memory_limit')").scalar())
+                size, unit = re.fullmatch(r"([\d.]+)\s*(\w+)", limit).groups()  # type: ignore[union-attr]
                 doubled = 2 * float(size) * _BYTES[unit[0].upper()]
                 if doubled > MEMORY_LIMIT_MAX:
                     raise exc from None
@@ -146,13 +146,13 @@ def insert(
         values = ", ".join(["(" + ", ".join("?" * len(names)) + ")"] * len(rows))
         params = tuple(row[n] for row in rows for n in names)
         result = conn.exec_driver_sql(f"WITH _batch ({columns}) AS (VALUES {values}) {sql}", params)
-        return result.scalars().all() if returning else []
+        return list(result.scalars()) if returning else []
     # Found by name by DuckDB's replacement scan, which looks in the calling frame: that is why the DuckDB
     # connection is called directly. Half the cost of registering the table as a view and dropping it.
     _batch = staged  # noqa: F841
     dbapi = conn.dialect.loaded_dbapi
     try:
-        result = conn.connection.driver_connection.execute(sql)
+        result = _driver(conn).execute(sql)
         return [r[0] for r in result.fetchall()] if returning else []
     except dbapi.Error as exc:  # a raw driver call: wrapped as SQLAlchemy would, for the error translation
         raise sa.exc.DBAPIError.instance(sql, None, exc, dbapi.Error) from exc
@@ -174,11 +174,18 @@ def _stored(batch: sa.TableClause) -> sa.Exists:
     )
 
 
+def _driver(conn: sa.Connection) -> Any:
+    """DuckDB's own connection under `conn`: its replacement scans and relations are not in the DB-API."""
+    driver = conn.connection.driver_connection
+    assert driver is not None, "a checked-out connection has its driver's"
+    return driver
+
+
 def read_events(conn: sa.Connection, schema: str | None, since, until, arrow_schema) -> Iterator:
     table = f'"{schema}".audit_events' if schema else "audit_events"
     names = ", ".join(f'"{n}"' for n in arrow_schema.names)
     # A relation's reader streams (an executed cursor's would copy every row first).
-    relation = conn.connection.driver_connection.sql(
+    relation = _driver(conn).sql(
         f"SELECT {names} FROM {table} WHERE effective_at >= ? AND effective_at < ? ORDER BY effective_at, id",
         params=[since, until],
     )
