@@ -31,6 +31,9 @@ class Metrics:
         self.rate_limited = metric(Counter, "audit_ingest_rate_limit_wait_seconds", "Time spent waiting on 429s.")
         self.last_success = metric(Gauge, "audit_ingest_last_success_timestamp_seconds", "End of the last ok run.")
         self.lag = metric(Gauge, "audit_ingest_lag_seconds", "Now minus the newest stored event.")
+        self.unavailable = metric(
+            Counter, "audit_ingest_stream_unavailable", "Runs in which the API refused the tenant stream (no tenant)."
+        )
         self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
 
     def serve(self, port: int, addr: str) -> Any:
@@ -41,10 +44,15 @@ class Metrics:
             raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc.strerror or exc}") from None
         return server
 
-    def observe(self, source: str, outcome: str, *, events_new: int, stats: Stats, newest: datetime | None) -> None:
+    def observe(
+        self, source: str, outcome: str, *, events_new: int, stats: Stats, newest: datetime | None,
+        unavailable: int = 0,
+    ) -> None:  # fmt: skip
         """One run that ended `ok`, `failed`, `interrupted` or `skipped`: its new events (those of its committed
-        batches), its client's stats, and the newest stored event (None when the warehouse was not read)."""
+        batches), its client's stats, the newest stored event (None when the warehouse was not read), and how
+        many of its streams the API refused."""
         self.events.labels(source).inc(events_new)
+        self.unavailable.labels(source).inc(unavailable)
         self.retries.labels(source).inc(stats.retries)
         self.rate_limited.labels(source).inc(stats.rate_limit_wait)
         if outcome in ("ok", "failed"):

@@ -386,6 +386,7 @@ sync_state = sa.Table(
     sa.Column("sweep_lte", sa.BigInteger),
     sa.Column("sweep_cursor", sa.Text),
     _ts("updated_at", nullable=False),
+    sa.Column("unavailable", sa.Text),  # why the API refuses this stream (no tenant); NULL when it works
 )
 
 sync_runs = sa.Table(

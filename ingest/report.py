@@ -61,14 +61,19 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
     rows, current = [], now()
     for name in names:
         streams, ev_row = states.get(name, []), stored.get(name)
-        # The source is synced up to its least advanced stream.
-        checkpoints = [st.checkpoint for st in streams]
+        # The source is synced up to its least advanced stream, of those the API serves.
+        checkpoints = [st.checkpoint for st in streams if st.unavailable is None]
         checkpoint = min(checkpoints) if checkpoints and None not in checkpoints else None
+        refused = [st.unavailable for st in streams if st.unavailable is not None]
         newest = ev_row.newest if ev_row else None
         lag = (current - newest).total_seconds() if newest else None
         warning = ""
         if lag is not None and lag > 0.8 * settings.retention:
             warning = "lag near the API's retention: older events will be lost"
+        if refused:
+            warning = "; ".join(
+                filter(None, [warning, f"tenant stream unavailable, retried every run: {refused[0][:120]}"])
+            )
         rows.append(
             {
                 "source": name,

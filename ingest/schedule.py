@@ -102,6 +102,7 @@ class SourceJob:
 
                 summary = sync_source(warehouse, client, self.source, self.settings, stop=self.stop,
                                       on_progress=on_progress)  # fmt: skip
+                latest[:] = [summary]
                 feed_consumers(self.settings, warehouse)
             log.info("%s", summary.line())
             outcome, self.failures, self.skip = summary.status, 0, 0  # ok, or skipped: another process syncs it
@@ -117,7 +118,10 @@ class SourceJob:
         finally:
             newest = None if outcome == "interrupted" else _newest_event(warehouse, self.source.name)
             events_new = latest[0].events_new if latest else 0
-            self.metrics.observe(self.source.name, outcome, events_new=events_new, stats=client.stats, newest=newest)
+            self.metrics.observe(
+                self.source.name, outcome, events_new=events_new, stats=client.stats, newest=newest,
+                unavailable=len(latest[0].unavailable) if latest else 0,
+            )  # fmt: skip
             warehouse.dispose()  # nothing may keep the DuckDB file open between runs
 
 

@@ -691,6 +691,7 @@ class Simulator:
         audit_logging_enabled: bool = True,
         retention_seconds: int | None = None,
         company_domain: str = "example.com",
+        tenant: bool = True,
     ) -> None:
         unknown = set(faults) - set(ALL_FAULTS)
         if unknown:
@@ -701,6 +702,9 @@ class Simulator:
         self.latency = latency
         self.audit_logging_enabled = audit_logging_enabled
         self.retention_seconds = retention_seconds
+        # An organization without a tenant: tenant_only=true is answered 400 (the API's behaviour there is
+        # undocumented; 400 is what a parameter the organization cannot use gets elsewhere).
+        self.tenant = tenant
         self.requests = 0
         self.faults_injected: dict[str, int] = dict.fromkeys(self.faults, 0)
         self._lock = threading.Lock()
@@ -926,6 +930,8 @@ class Simulator:
                 if value.lower() not in ("true", "false"):
                     raise _BadRequest(f"Invalid 'tenant_only': expected a boolean, got {value!r}.", "tenant_only")
                 tenant_only = value.lower() == "true"
+                if tenant_only and not self.tenant:
+                    raise _BadRequest("This organization has no tenant: 'tenant_only' cannot be used.", "tenant_only")
             elif name == "after" and value:
                 after = value
             elif name == "before" and value:
@@ -1206,9 +1212,11 @@ class SimulatorServer:
         self.stop()
 
 
-def serve(*, port: int, events: int, seed: int, fault_rate: float, key: str, latency: float = 0.0) -> None:
+def serve(
+    *, port: int, events: int, seed: int, fault_rate: float, key: str, latency: float = 0.0, tenant: bool = True
+) -> None:
     """Blocking, for `audit-ingest simulate`: prints the base URL on one line, serves until SIGINT/SIGTERM."""
-    sim = Simulator(events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency)
+    sim = Simulator(events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=tenant)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -71,6 +71,7 @@ class SweepState:
     sweep_gte: int | None = None
     sweep_lte: int | None = None
     sweep_cursor: str | None = None
+    unavailable: str | None = None  # why the API refuses the stream, until a sweep of it completes
 
     @classmethod
     def load(cls, conn: sa.Connection, key: str) -> SweepState | None:
@@ -98,12 +99,13 @@ class SweepState:
     def finish(self) -> None:
         """The sweep is complete: the checkpoint moves to its upper bound."""
         self.checkpoint, self.sweep_gte, self.sweep_lte, self.sweep_cursor = self.sweep_lte, None, None, None
+        self.unavailable = None
 
     def save(self, conn: sa.Connection) -> None:
         _save(conn, asdict(self))
 
 
-_SWEEP_FIELDS = ("key", "source", "kind", "checkpoint", "sweep_gte", "sweep_lte", "sweep_cursor")
+_SWEEP_FIELDS = ("key", "source", "kind", "checkpoint", "sweep_gte", "sweep_lte", "sweep_cursor", "unavailable")
 
 
 @dataclass

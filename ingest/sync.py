@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from ingest import backends, batchlog, model, store
 from ingest.api import Client, Page, Query, fetch_pages
 from ingest.config import Settings, Source
-from ingest.errors import BadResponseError, ConfigError, CursorRejected, IngestError, Interrupted
+from ingest.errors import ApiError, BadResponseError, ConfigError, CursorRejected, Failure, IngestError, Interrupted
 from ingest.state import Key, SweepState
 
 log = logging.getLogger("ingest.sync")
@@ -65,6 +65,7 @@ class RunSummary:
     duration: float = 0.0
     # Per sweep (state key): (seconds of its window covered so far, its width), for progress and ETA.
     coverage: dict[str, tuple[int, int]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # streams the API refused (state key: why)
 
     def progress(self) -> tuple[int, int] | None:
         """(seconds covered, seconds in all known windows); None while no window is known."""
@@ -85,6 +86,8 @@ class RunSummary:
             text += f", {sum(self.mismatches.values()):,} payloads not matching their declared shape"
         if self.retries:
             text += f", {self.retries} retries ({self.rate_limit_wait:.1f}s rate-limited)"
+        if self.unavailable:
+            text += ", tenant stream unavailable (no tenant?)"
         return text
 
 
@@ -191,11 +194,32 @@ def sync_source(
                                     gte = None if settings.start is None else int(settings.start.timestamp())
                                 state.start(gte, int(time.time()))
                                 state.save(conn)
-                        sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress)
+                        try:
+                            sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress)
+                        except ApiError as exc:
+                            if not (key.tenant and exc.failure in NO_TENANT and summary.pages):
+                                raise
+                            _unavailable(conn, state, exc, summary)
+                            break
                         with conn.begin():
                             state.finish()
                             state.save(conn)
     return summary
+
+
+# How the API may answer tenant_only=true for an organization without a tenant (undocumented): 400, 403, 404.
+NO_TENANT = frozenset({Failure.REJECTED, Failure.FORBIDDEN})
+
+
+def _unavailable(conn: sa.Connection, state: SweepState, exc: ApiError, summary: RunSummary) -> None:
+    """The tenant stream refused while the main stream works: kept as unavailable, with the API's words, and
+    tried again (one request) on the next run; the run goes on and succeeds."""
+    if state.unavailable is None:
+        log.warning("%s: the API refuses the tenant stream, skipped until it accepts it: %s", state.key, exc)
+    with conn.begin():
+        state.unavailable = str(exc)
+        state.save(conn)
+    summary.unavailable[state.key] = str(exc)
 
 
 def backfill(
