@@ -32,11 +32,13 @@ from ingest.errors import (
     NotEnabledError,
     RateLimitedError,
 )
+from ingest.throttle import Throttle
 
 log = logging.getLogger("ingest.api")
 
 PATH = "/organization/audit_logs"
 PAGE_SIZE = 100  # the API's maximum
+MAX_IN_FLIGHT = 16  # requests one client has in flight at most (its connections)
 _TRANSIENT_STATUS = {500, 502, 503, 504}
 
 
@@ -78,6 +80,7 @@ class Page:
 class Stats:
     requests: int = 0
     retries: int = 0
+    rate_limited: int = 0  # requests answered 429
     rate_limit_wait: float = 0.0
 
 
@@ -93,12 +96,13 @@ class Client:
         retry_max_delay: float = 60.0,
         stop: threading.Event | None = None,
         transport: httpx.BaseTransport | None = None,
+        max_requests_per_second: float | None = None,
     ):
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {key}", "User-Agent": f"openai-audit-ingest/{__version__}"},
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+            limits=httpx.Limits(max_connections=MAX_IN_FLIGHT, max_keepalive_connections=MAX_IN_FLIGHT),
             transport=transport,
         )
         self._max_retries = max_retries
@@ -107,6 +111,7 @@ class Client:
         self._stop = stop or threading.Event()
         self._lock = threading.Lock()
         self._paused_until = 0.0  # shared by every thread using this client
+        self.throttle = Throttle(MAX_IN_FLIGHT, max_requests_per_second)
         self.stats = Stats()
 
     def __enter__(self) -> Client:
@@ -124,11 +129,18 @@ class Client:
                 self.stats.requests += 1
             delay = None
             try:
-                response = self._http.get(PATH, params=params)
+                with self.throttle.slot(self._stop):
+                    response = self._http.get(PATH, params=params)
             except httpx.TransportError as exc:
                 failure, detail = Failure.TRANSPORT, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 found = classify(response, after)
+                if found is Failure.RATE_LIMITED:
+                    self.throttle.rate_limited()
+                    with self._lock:
+                        self.stats.rate_limited += 1
+                elif found is None:
+                    self.throttle.succeeded()
                 if found is None:
                     try:
                         return parse_page(response.content)

@@ -240,14 +240,18 @@ def demo(ctx: click.Context, events: int, database: str) -> None:
 @click.option("--fault-rate", default=0.0, show_default=True, help="Share of requests answered with a fault.")
 @click.option("--latency", default=0.0, show_default=True, help="Seconds added to every response.")
 @click.option("--no-tenant", is_flag=True, help="Play an organization without a tenant: tenant_only=true gets 400.")
-def simulate(port: int, events: int, seed: int, fault_rate: float, latency: float, no_tenant: bool) -> None:
+@click.option("--rate-limit", type=click.FloatRange(min=0, min_open=True), help="Requests a second; beyond, 429.")
+def simulate(
+    port: int, events: int, seed: int, fault_rate: float, latency: float, no_tenant: bool, rate_limit: float | None
+) -> None:
     """Serve the built-in audit-log API simulator on 127.0.0.1 (key: $OPENAI_ADMIN_KEY)."""
     from ingest.simulator import serve
 
     key = os.environ.get("OPENAI_ADMIN_KEY", "").strip()
     if not key:
         raise ConfigError("OPENAI_ADMIN_KEY is not set: export the key the simulator should accept")
-    serve(port=port, events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=not no_tenant)
+    serve(port=port, events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=not no_tenant,
+          rate_limit=rate_limit)  # fmt: skip
 
 
 @cli.group()

@@ -101,6 +101,7 @@ class Settings(BaseModel):
     retention: float = 30 * 86400.0
     timeout: float = 30.0
     max_retries: int = Field(default=8, ge=0)
+    max_requests_per_second: float | None = Field(default=None, gt=0)
     retry_base_delay: float = Field(default=0.5, ge=0)
     retry_max_delay: float = Field(default=60.0, ge=0)
     # Plain http is only for loopback (the simulator) unless explicitly allowed.

@@ -692,6 +692,7 @@ class Simulator:
         retention_seconds: int | None = None,
         company_domain: str = "example.com",
         tenant: bool = True,
+        rate_limit: float | None = None,
     ) -> None:
         unknown = set(faults) - set(ALL_FAULTS)
         if unknown:
@@ -705,6 +706,11 @@ class Simulator:
         # An organization without a tenant: tenant_only=true is answered 400 (the API's behaviour there is
         # undocumented; 400 is what a parameter the organization cannot use gets elsewhere).
         self.tenant = tenant
+        # A token bucket of `rate_limit` requests a second (a second's worth of burst); beyond it, 429 with
+        # retry-after-ms, as the API's own rate limiter answers.
+        self.rate_limit = rate_limit
+        self._tokens, self._refilled = (rate_limit or 0.0), time.monotonic()
+        self.rate_limited = 0
         self.requests = 0
         self.faults_injected: dict[str, int] = dict.fromkeys(self.faults, 0)
         self._lock = threading.Lock()
@@ -864,7 +870,15 @@ class Simulator:
             self.requests += 1
             self._request_seq += 1
             request_id = ("x-request-id", f"req_{self._request_seq:024x}")
-            fault = self._draw_fault()
+            wait = self._take_token()
+            fault = self._draw_fault() if not wait else None
+        if wait:
+            resp = _error(
+                429, f"Rate limit reached: {self.rate_limit:g} requests per second.", "requests",
+                code="rate_limit_exceeded", headers=[("retry-after-ms", str(max(1, round(wait * 1000))))],
+            )  # fmt: skip
+            resp.headers.append(request_id)
+            return resp
         delay = self.latency + (_SLOW_SECONDS if fault == "slow" else 0.0)
         if fault in ("slow", "truncated", None):
             resp = self._list(query, headers)
@@ -877,6 +891,19 @@ class Simulator:
         resp.headers.append(request_id)
         resp.delay = delay
         return resp
+
+    def _take_token(self) -> float:
+        """0 when a request may go (a token taken), else the seconds until the next token. Under the lock."""
+        if not self.rate_limit:
+            return 0.0
+        now = time.monotonic()
+        self._tokens = min(self.rate_limit, self._tokens + (now - self._refilled) * self.rate_limit)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        self.rate_limited += 1
+        return (1 - self._tokens) / self.rate_limit
 
     def _list(self, query: str, headers: Mapping[str, str]) -> Response:
         auth = self._auth_error(headers)
@@ -1213,10 +1240,20 @@ class SimulatorServer:
 
 
 def serve(
-    *, port: int, events: int, seed: int, fault_rate: float, key: str, latency: float = 0.0, tenant: bool = True
+    *,
+    port: int,
+    events: int,
+    seed: int,
+    fault_rate: float,
+    key: str,
+    latency: float = 0.0,
+    tenant: bool = True,
+    rate_limit: float | None = None,
 ) -> None:
     """Blocking, for `audit-ingest simulate`: prints the base URL on one line, serves until SIGINT/SIGTERM."""
-    sim = Simulator(events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=tenant)
+    sim = Simulator(
+        events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=tenant, rate_limit=rate_limit
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

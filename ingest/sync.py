@@ -142,6 +142,7 @@ def client_for(settings: Settings, source: Source, stop: threading.Event | None 
         retry_max_delay=settings.retry_max_delay,
         stop=stop,
         transport=transport,
+        max_requests_per_second=settings.max_requests_per_second,
     )
 
 
