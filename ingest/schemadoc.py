@@ -10,6 +10,7 @@ that has one), "from the payload" the field's paths in those types, and the "Typ
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,27 +81,26 @@ def _node(schema: dict, path: tuple[str, ...]) -> dict:
 # ---------------------------------------------------------------------------------------------- checks
 def undocumented(metadata: sa.MetaData) -> list[str]:
     """What the document would lack, one sentence each, saying where to add it; empty when complete."""
-    here = "ingest/model.py"
+    add = "add info={'doc': ...} to its"
     problems = []
     for table in _core(metadata):
         if not table.info.get("doc"):
-            problems.append(f"table {table.name} has no intro: add info={{'doc': ...}} to its sa.Table in {here}")
+            problems.append(f"table {table.name} has no intro: {add} sa.Table in ingest/model.py")
         for column in table.columns:
+            name = f"{table.name}.{column.name}"
             if not column.info.get("doc"):
-                problems.append(
-                    f"column {table.name}.{column.name} has no meaning: add info={{'doc': ...}} to its sa.Column in {here}"
-                )
+                problems.append(f"column {name} has no meaning: {add} sa.Column in ingest/model.py")
             joins = column.info.get("joins")
             if joins and joins.partition(".")[0] not in metadata.tables:
-                problems.append(f"column {table.name}.{column.name} joins {joins}, which is not a table of the model")
+                problems.append(f"column {name} joins {joins}, which is not a table of the model")
     for family in model.FAMILIES:
         fields = _fields(family)
-        for col in family.columns:
-            if not (fields.get(col.field) or _Field()).doc:
-                problems.append(
-                    f"column {family.table}.{col.name}: payload field `{col.field}` has no description in {SPEC_PATH.name}"
-                    f" for any of {family.table}'s types (model.FAMILIES)"
-                )
+        problems.extend(
+            f"column {family.table}.{col.name}: payload field `{col.field}` has no description in"
+            f" {SPEC_PATH.name} in any of the family's types (model.FAMILIES)"
+            for col in family.columns
+            if not (fields.get(col.field) or _Field()).doc
+        )
     return problems
 
 
@@ -108,25 +108,29 @@ def undocumented(metadata: sa.MetaData) -> list[str]:
 def render(metadata: sa.MetaData) -> str:
     """The generated part of docs/schema.md: the diagrams and the reference of every table."""
     core = _core(metadata)
-    typed = [metadata.tables[t.name] for t in model.TYPED_TABLES if t.name in metadata.tables]
+    typed = [metadata.tables[t.name] for t in model.TYPED_TABLES]
+    events = metadata.tables["audit_events"]
     parts = [
         "## Diagrams",
         "Events, actors and run bookkeeping (dotted lines: joinable ids, not foreign keys):",
-        _diagram(core, _joins(core)),
+        _diagram([_entity(t, t.columns) for t in core], _links(core)),
         _wrap(
             "The typed tables; each family table has at most one row per event, each child table one row per list item:"
         ),
-        _diagram([metadata.tables["audit_events"], *typed], _typed_links(typed), parent_columns=("id", "type")),
+        # The table the typed ones hang from, with its key and the column that picks the family only.
+        _diagram(
+            [_entity(events, [events.c.id, events.c.type]), *(_entity(t, t.columns) for t in typed)],
+            _typed_links(typed),
+        ),
         "## Tables",
         "### Events, actors and runs",
         *(_core_table(t) for t in core),
         "### Typed tables",
     ]
     for family in model.FAMILIES:
-        if family.table in metadata.tables:
-            fields = _fields(family)
-            parts.append(_family_table(metadata.tables[family.table], family, fields))
-            parts.extend(_list_table(metadata.tables[lst.table], lst, fields) for lst in family.lists)
+        fields = _fields(family)
+        parts.append(_family_table(metadata.tables[family.table], family, fields))
+        parts.extend(_list_table(metadata.tables[lst.table], lst, fields) for lst in family.lists)
     return "\n\n".join(parts) + "\n"
 
 
@@ -135,13 +139,15 @@ def _core(metadata: sa.MetaData) -> list[sa.Table]:
     return [t for t in metadata.tables.values() if t.name not in typed]
 
 
-def _joins(tables: list[sa.Table]) -> list[str]:
-    return [
-        f"{c.info['joins'].partition('.')[0]} ||..o{{ {t.name} : {c.name}"
-        for t in tables
-        for c in t.columns
-        if c.info.get("joins")
-    ]
+def _links(tables: list[sa.Table]) -> list[str]:
+    """Foreign keys as lines, `joins` (ids without a foreign key) as dotted lines."""
+    links = []
+    for table in tables:
+        for column in table.columns:
+            links.extend(f"{fk.column.table.name} ||--o{{ {table.name} : {column.name}" for fk in column.foreign_keys)
+            if column.info.get("joins"):
+                links.append(f"{column.info['joins'].partition('.')[0]} ||..o{{ {table.name} : {column.name}")
+    return links
 
 
 def _typed_links(tables: list[sa.Table]) -> list[str]:
@@ -156,19 +162,16 @@ def _typed_links(tables: list[sa.Table]) -> list[str]:
     return links
 
 
-def _diagram(tables: list[sa.Table], links: list[str], parent_columns: tuple[str, ...] = ()) -> str:
-    lines = ["```mermaid", "erDiagram"]
-    for i, table in enumerate(tables):
-        # The typed diagram draws the table it hangs from with its key and `type` only.
-        columns = [c for c in table.columns if c.name in parent_columns] if parent_columns and i == 0 else table.columns
-        lines.append(f"    {table.name} {{")
-        for column in columns:
-            keys = ", ".join(k for k, on in (("PK", column.primary_key), ("FK", column.foreign_keys)) if on)
-            lines.append(f"        {type_name(column)} {column.name}{' ' + keys if keys else ''}")
-        lines.append("    }")
-    lines.extend(f"    {link}" for link in links)
-    lines.append("```")
-    return "\n".join(lines)
+def _entity(table: sa.Table, columns: Iterable[sa.Column]) -> str:
+    lines = [f"    {table.name} {{"]
+    for column in columns:
+        keys = ", ".join(k for k, on in (("PK", column.primary_key), ("FK", column.foreign_keys)) if on)
+        lines.append(f"        {type_name(column)} {column.name}{' ' + keys if keys else ''}")
+    return "\n".join([*lines, "    }"])
+
+
+def _diagram(entities: list[str], links: list[str]) -> str:
+    return "\n".join(["```mermaid", "erDiagram", *entities, *(f"    {link}" for link in links), "```"])
 
 
 def _core_table(table: sa.Table) -> str:
@@ -178,8 +181,9 @@ def _core_table(table: sa.Table) -> str:
         [f"`{c.name}`", type_name(c), *([c.info.get("from", "")] if with_from else []), c.info.get("doc", "")]
         for c in table.columns
     ]
-    notes = [_wrap(p) for p in table.info.get("notes", "").split("\n\n") if p]
-    return "\n\n".join([f"#### `{table.name}`", _wrap(table.info.get("doc", "")), _table(header, rows), *notes])
+    notes = [_wrap(paragraph) for paragraph in table.info.get("notes", "").split("\n\n")]
+    parts = [f"#### `{table.name}`", _wrap(table.info.get("doc", "")), _table(header, rows), *notes]
+    return "\n\n".join(p for p in parts if p)
 
 
 def _family_table(table: sa.Table, family: model.Family, fields: dict[str, _Field]) -> str:

@@ -66,6 +66,7 @@ def test_a_table_or_column_without_documentation_is_named_with_where_to_add_it()
         "audit_annotations", metadata,
         sa.Column("id", sa.Text, primary_key=True, info={"doc": "primary key"}),
         sa.Column("event_id", sa.Text, info={"doc": "the event annotated", "joins": "audit_events.id"}),
+        sa.Column("batch", sa.BigInteger, sa.ForeignKey("ingest_batches.seq"), info={"doc": "the batch"}),
         sa.Column("note", sa.Text),
     )  # fmt: skip
     metadata.tables["sync_runs"].append_column(sa.Column("host", sa.Text))
@@ -82,8 +83,10 @@ def test_a_table_or_column_without_documentation_is_named_with_where_to_add_it()
     metadata.tables["audit_annotations"].info["doc"] = "Notes people attached to events."
     text = schemadoc.render(metadata)
     assert "#### `audit_annotations`\n\nNotes people attached to events.\n" in text
-    assert "    audit_events ||..o{ audit_annotations : event_id\n" in text
-    assert "    audit_annotations {\n        text id PK\n        text event_id\n        text note\n    }\n" in text
+    assert "    audit_events ||..o{ audit_annotations : event_id\n" in text  # joins: a dotted line
+    assert "    ingest_batches ||--o{ audit_annotations : batch\n" in text  # a foreign key: a line
+    assert "    audit_annotations {\n        text id PK\n        text event_id\n        bigint batch FK\n" in text
+    assert "| `batch` | bigint | the batch |\n| `note` | text | |\n" in text
 
 
 def test_schema_doc_rewrites_only_its_region_and_check_fails_on_a_difference(tmp_path):
