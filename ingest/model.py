@@ -1,4 +1,4 @@
-"""The warehouse model: tables, and how an event becomes rows (documented in docs/schema.md).
+"""The warehouse model: tables, and how an event becomes rows (docs/schema.md, its reference generated from here).
 
 Everything that knows an event type by name is the data in `FAMILIES` (types with a payload schema:
 typed rows) and `OPAQUE_TYPES` (no schema: the `audit_events` row and JSON only). The rest of the
