@@ -280,6 +280,35 @@ def rebuild_typed(ctx: click.Context) -> None:
     click.echo(f"re-derived typed rows of {count:,} events")
 
 
+@db.command("schema-doc")
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 if the document is not what the model generates.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="The document to update (default: docs/schema.md of this checkout).")  # fmt: skip
+@click.pass_context
+def schema_doc(ctx: click.Context, check: bool, output: Path | None) -> None:
+    """Regenerate docs/schema.md's diagrams and table reference from the model."""
+    from ingest import model, schemadoc
+
+    path = output or schemadoc.DOC_PATH
+    problems = schemadoc.undocumented(model.metadata)
+    if problems:
+        click.echo(f"error: {len(problems)} undocumented: {'; '.join(problems)}", err=True)
+        ctx.exit(1)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}; pass the document with --output") from None
+    new = schemadoc.regenerated(text, model.metadata, str(path))
+    if new == text:
+        click.echo(f"{path} is up to date")
+    elif check:
+        click.echo(f"error: {path} is not what the model generates: run `audit-ingest db schema-doc`", err=True)
+        ctx.exit(1)
+    else:
+        path.write_text(new, encoding="utf-8")
+        click.echo(f"rewrote the generated part of {path}")
+
+
 # ------------------------------------------------------------------------------------------ output
 def _print_table(rows: list[dict], title: str) -> None:
     """A table on a terminal; tab-separated values with a header line for pipes and scripts."""
