@@ -68,11 +68,11 @@ class Measure:
 class Simulator:
     """`audit-ingest simulate` in its own process, so that it never shares a GIL with the tool."""
 
-    def __init__(self, events: int, seed: int = 1, latency: float = 0.0):
+    def __init__(self, events: int, seed: int = 1, latency: float = 0.0, extra: tuple[str, ...] = ()):
         port = _free_port()
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "ingest", "simulate", "--port", str(port), "--events", str(events), "--seed", str(seed),
-             "--latency", str(latency)],
+             "--latency", str(latency), *extra],
             env={**os.environ, "OPENAI_ADMIN_KEY": KEY}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         self.url = self.proc.stdout.readline().strip()  # printed once the events are generated

@@ -1090,7 +1090,8 @@ class Simulator:
         if route == "/_sim/stats" and method == "GET":
             with self._lock:
                 self._expire()
-                stats = {"requests": self.requests, "faults": dict(self.faults_injected), "events": len(self._by_id)}
+                stats = {"requests": self.requests, "faults": dict(self.faults_injected), "events": len(self._by_id),
+                         "rate_limited": self.rate_limited}  # fmt: skip
             return _json(stats)
         return _error(404, f"Invalid URL ({method} {route})", "invalid_request_error")
 
