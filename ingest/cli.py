@@ -73,12 +73,14 @@ def _warehouse(settings):
 
 @cli.command()
 @click.option("--source", "source_name", help="Only this configured source.")
+@click.option("--workers", type=click.IntRange(1, 64),
+              help="Slices a long sweep (a first sync) is fetched in at once.  [default: the config's, 4]")  # fmt: skip
 @click.pass_context
-def run(ctx: click.Context, source_name: str | None) -> None:
+def run(ctx: click.Context, source_name: str | None, workers: int | None) -> None:
     """One incremental sync of every source, then exit."""
     from ingest.sync import run_sources
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, **({"workers": workers} if workers else {}))
     sources = settings.source(source_name)
     for source in sources:
         source.admin_key()  # fail on a missing key before touching the database

@@ -102,6 +102,7 @@ class Settings(BaseModel):
     timeout: float = 30.0
     max_retries: int = Field(default=8, ge=0)
     max_requests_per_second: float | None = Field(default=None, gt=0)
+    workers: int = Field(default=4, ge=1, le=64)  # a long sweep is split into this many slices fetched at once
     retry_base_delay: float = Field(default=0.5, ge=0)
     retry_max_delay: float = Field(default=60.0, ge=0)
     # Plain http is only for loopback (the simulator) unless explicitly allowed.

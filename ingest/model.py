@@ -429,9 +429,10 @@ sync_state = sa.Table(
     metadata,
     sa.Column("key", sa.Text, primary_key=True, info={
         "doc": "primary key: the source name (`#tenant` appended for its tenant-scoped stream), "
-        "`backfill:<source>:<since>:<until>:<i>/<n>` (+ `#tenant`), or `consumer:<name>`"}),
+        "`backfill:<source>:<since>:<until>:<i>/<n>` (+ `#tenant`), `slice:<source>:<i>/<n>` (+ `#tenant`: a slice "
+        "of the stream's split sweep), or `consumer:<name>`"}),
     sa.Column("source", sa.Text, nullable=False, info={"doc": "the source, or the consumer's name"}),
-    sa.Column("kind", sa.Text, nullable=False, info={"doc": "`incremental`, `backfill` or `consumer`"}),
+    sa.Column("kind", sa.Text, nullable=False, info={"doc": "`incremental`, `backfill`, `slice` or `consumer`"}),
     sa.Column("checkpoint", sa.BigInteger, info={
         "doc": "incremental: swept up to here (Unix seconds); backfill: set when done; consumer: the last batch it "
         "processed (`ingest_batches.seq`)"}),

@@ -29,11 +29,16 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
         states: dict[str, list] = {}
         backfills: dict[str, dict[tuple[int, int], list[int]]] = {}
         consumers: dict[str, int] = {}
+        slices: dict[str, list[int]] = {}  # source -> [slices left, slices] of its split sweeps
         for r in conn.execute(sa.select(state)):
             if r.kind == "incremental":
                 states.setdefault(r.source, []).append(r)
             elif r.kind == "consumer":
                 consumers[r.source] = r.checkpoint or 0
+            elif r.kind == "slice":
+                left_total = slices.setdefault(r.source, [0, 0])
+                left_total[0] += r.checkpoint is None
+                left_total[1] += 1
             elif r.kind == "backfill":
                 done_total = backfills.setdefault(r.source, {}).setdefault(Key.parse(r.key).window, [0, 0])
                 done_total[0] += r.checkpoint is not None
@@ -78,7 +83,8 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
             {
                 "source": name,
                 "checkpoint": _when(checkpoint) if checkpoint else "never synced",
-                "sweep": "in progress" if any(st.sweep_lte is not None for st in streams) else "",
+                "sweep": ("in progress" if any(st.sweep_lte is not None for st in streams) else "")
+                + (f" ({slices[name][0]} of {slices[name][1]} slices left)" if name in slices else ""),
                 "events": f"{ev_row.n:,}" if ev_row else "0",
                 "newest event": newest.isoformat(sep=" ") if newest else "",
                 "lag": _age(lag) if lag is not None else "",

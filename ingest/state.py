@@ -6,6 +6,7 @@ Keys (source names hold no `:` or `#`, config.Source checks):
 |---|---|---|
 | incremental | `<source>` or `<source>#tenant` | swept up to here (Unix s) |
 | backfill | `backfill:<source>:<since>:<until>:<i>/<n>` (+ `#tenant`) | set when the slice is done |
+| slice | `slice:<source>:<i>/<n>` (+ `#tenant`): a part of the stream's split sweep | set when the part is done |
 | consumer | `consumer:<name>` | the last committed batch it processed (ingest_batches.seq) |
 
 A sweep covers [sweep_gte, sweep_lte] (Unix seconds, inclusive) newest first; `sweep_cursor` is the last id
@@ -28,17 +29,21 @@ TENANT = "#tenant"
 class Key:
     """A parsed state key."""
 
-    kind: str  # incremental | backfill | consumer
+    kind: str  # incremental | backfill | slice | consumer
     name: str  # the source, or the consumer
     tenant: bool = False
     window: tuple[int, int] = (0, 0)  # backfill: [since, until); (0, 0) for the other kinds
-    slice: tuple[int, int] = (0, 0)  # backfill: (i, n)
+    slice: tuple[int, int] = (0, 0)  # backfill and slice: (i, n)
 
     @classmethod
     def parse(cls, text: str) -> Key:
         if text.startswith("consumer:"):
             return cls("consumer", text.removeprefix("consumer:"))
         body, tenant = (text.removesuffix(TENANT), True) if text.endswith(TENANT) else (text, False)
+        if body.startswith("slice:"):
+            _, source, part = body.split(":")
+            i, n = part.split("/")
+            return cls("slice", source, tenant, slice=(int(i), int(n)))
         if not body.startswith("backfill:"):
             return cls("incremental", body, tenant)
         _, source, since, until, part = body.split(":")
@@ -51,6 +56,8 @@ class Key:
         suffix = TENANT if self.tenant else ""
         if self.kind == "incremental":
             return self.name + suffix
+        if self.kind == "slice":
+            return f"slice:{self.name}:{self.slice[0]}/{self.slice[1]}{suffix}"
         (since, until), (i, n) = self.window, self.slice
         return f"backfill:{self.name}:{since}:{until}:{i}/{n}{suffix}"
 

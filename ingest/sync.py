@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 
 from ingest import backends, batchlog, model, store
-from ingest.api import Client, Page, Query, fetch_pages
+from ingest.api import PAGE_SIZE, Client, Page, Query, fetch_pages
 from ingest.config import Settings, Source
 from ingest.errors import ApiError, BadResponseError, ConfigError, CursorRejected, Failure, IngestError, Interrupted
 from ingest.state import Key, SweepState
@@ -185,6 +185,7 @@ def sync_source(
                         with conn.begin():
                             state = SweepState.load(conn, str(key)) or SweepState.for_key(key)
                             resumed = state.unfinished
+                            split, parts = _parts(conn, key) if resumed else (False, [])
                             if resumed:
                                 log.info("%s: resuming the unfinished sweep at cursor %s", key, state.sweep_cursor)
                             else:
@@ -196,16 +197,85 @@ def sync_source(
                                 state.start(gte, int(time.time()))
                                 state.save(conn)
                         try:
-                            sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress)
+                            if not split:
+                                splitter = _Splitter(settings.workers, state.sweep_gte, int(settings.retention))
+                                sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress,
+                                      split=splitter)  # fmt: skip
+                                if splitter.parts:
+                                    with conn.begin():
+                                        parts = _split(conn, state, key, splitter)
+                            if parts:
+                                _pool(warehouse, client, [(p, filters) for p in parts], summary, settings.workers,
+                                      stop or threading.Event(), on_progress)  # fmt: skip
                         except ApiError as exc:
                             if not (key.tenant and exc.failure in NO_TENANT and summary.pages):
                                 raise
                             _unavailable(conn, state, exc, summary)
                             break
                         with conn.begin():
+                            _drop_parts(conn, key)
                             state.finish()
                             state.save(conn)
     return summary
+
+
+@dataclass
+class _Splitter:
+    """Decides, after a sweep's first SPLIT_AFTER pages, whether to split the rest of its window into slices
+    fetched concurrently: when there are more pages, and the window left holds at least SPLIT_PAGES pages a
+    slice by the density of those seen. `parts` and `oldest` are then set, and the sweep stops there. Judged on
+    several pages, not one: an incremental window with a burst of new events at its top is not a long sweep."""
+
+    workers: int
+    gte: int | None
+    retention: int  # the window's lower bound when it has none (a first sync): the API keeps no older events
+    parts: int = 0
+    oldest: int = 0
+    _pages: int = 0
+    _events: int = 0
+    _newest: int | None = None
+
+    def stop_after(self, page: Page) -> bool:
+        """Whether the sweep stops after `page`: decided once, at page SPLIT_AFTER."""
+        if self.workers < 2 or not page.events:
+            return False
+        times = [e["effective_at"] for e in page.events]
+        self._pages, self._events = self._pages + 1, self._events + len(times)
+        self._newest = max(times) if self._newest is None else self._newest
+        if self._pages != SPLIT_AFTER or not page.has_more:
+            return False
+        oldest = min(times)
+        lower = self.gte if self.gte is not None else oldest - self.retention
+        per_second = self._events / max(1, self._newest - oldest)
+        pages_left = (oldest - lower + 1) * per_second / PAGE_SIZE
+        parts = min(self.workers, int(pages_left // SPLIT_PAGES))
+        if parts < 2:
+            return False
+        self.parts, self.oldest = parts, oldest
+        return True
+
+
+# A sweep still going after SPLIT_AFTER pages is split into slices of SPLIT_PAGES pages at least (by the density
+# seen so far).
+SPLIT_AFTER = 5
+SPLIT_PAGES = 2
+
+
+def _split(conn: sa.Connection, state: SweepState, key: Key, splitter: _Splitter) -> list[SweepState]:
+    """The rest of `state`'s window, up to and including the last page's oldest second (which may hold more
+    events than that page gave), as `splitter.parts` slice rows; the oldest slice keeps the window's lower
+    bound, open (None) for a first sync."""
+    n, top = splitter.parts, splitter.oldest
+    lower = state.sweep_gte if state.sweep_gte is not None else top - splitter.retention
+    parts = []
+    for i in range(n):
+        lo, hi = lower + (top - lower + 1) * i // n, lower + (top - lower + 1) * (i + 1) // n - 1
+        part = SweepState.for_key(Key("slice", key.name, key.tenant, slice=(i, n)))
+        part.start(state.sweep_gte if i == 0 else lo, hi)
+        part.save(conn)
+        parts.append(part)
+    log.info("%s: the sweep goes on in %d slices fetched concurrently", key, n)
+    return parts[::-1]  # newest first: recent activity is usually the densest
 
 
 # How the API may answer tenant_only=true for an organization without a tenant (undocumented): 400, 403, 404.
@@ -221,6 +291,26 @@ def _unavailable(conn: sa.Connection, state: SweepState, exc: ApiError, summary:
         state.unavailable = str(exc)
         state.save(conn)
     summary.unavailable[state.key] = str(exc)
+
+
+def _parts(conn: sa.Connection, key: Key) -> tuple[bool, list[SweepState]]:
+    """Whether the stream's unfinished sweep was split, and its slices not done yet, newest first."""
+    keys = _slice_keys(conn, key)
+    parts = [p for p in map(functools.partial(SweepState.load, conn), keys) if p is not None and p.checkpoint is None]
+    return bool(keys), sorted(parts, key=lambda p: -(p.sweep_lte or 0))
+
+
+def _drop_parts(conn: sa.Connection, key: Key) -> None:
+    """The slice rows of the stream's sweep, once the sweep is complete."""
+    table = model.sync_state
+    for k in _slice_keys(conn, key):
+        conn.execute(table.delete().where(table.c.key == k))
+
+
+def _slice_keys(conn: sa.Connection, key: Key) -> list[str]:
+    table = model.sync_state
+    query = sa.select(table.c.key).where(table.c.kind == "slice", table.c.source == key.name)
+    return [k for k in conn.execute(query).scalars().all() if Key.parse(k).tenant == key.tenant]
 
 
 def backfill(
@@ -265,6 +355,21 @@ def backfill_source(
     """The backfill of one source: a pool of `workers` threads over its unfinished slices, sharing `client`
     (and so its rate-limit pause) and one write lock."""
     summary = RunSummary(source.name, kind="backfill")
+    with warehouse.connect() as conn, _recorded(conn, summary, client):
+        with conn.begin():
+            pending = _slices(conn, source, since, until, workers)
+        for state, _ in pending:  # the whole remaining window is known now: progress has a total from the start
+            summary.coverage[state.key] = (0, state.width)
+        _pool(warehouse, client, pending, summary, workers, stop, on_progress)
+    return summary
+
+
+def _pool(
+    warehouse: store.Warehouse, client: Client, pending: list[tuple[SweepState, Query]], summary: RunSummary,
+    workers: int, stop: threading.Event, on_progress: Progress | None,
+) -> None:  # fmt: skip
+    """Sweeps the slices in a pool of `workers` threads, each with its own connection, sharing `client` (and so
+    its rate-limit pause and requests in flight) and one write lock; each slice's row is finished when done."""
     lock = threading.Lock()
 
     def run_slice(state: SweepState, filters: Query) -> None:
@@ -274,22 +379,16 @@ def backfill_source(
                 state.finish()
                 state.save(conn)
 
-    with warehouse.connect() as conn, _recorded(conn, summary, client):
-        with conn.begin():
-            pending = _slices(conn, source, since, until, workers)
-        for state, _ in pending:  # the whole remaining window is known now: progress has a total from the start
-            summary.coverage[state.key] = (0, state.width)
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="backfill") as pool:
-            futures = [pool.submit(run_slice, state, filters) for state, filters in pending]
-            try:
-                for future in as_completed(futures):
-                    future.result()
-            except BaseException as exc:
-                pool.shutdown(cancel_futures=True)  # slices not started yet stay pending for the rerun
-                if isinstance(exc, KeyboardInterrupt):
-                    stop.set()  # running slices end after their current batch
-                raise
-    return summary
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="slice") as pool:
+        futures = [pool.submit(run_slice, state, filters) for state, filters in pending]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException as exc:
+            pool.shutdown(cancel_futures=True)  # slices not started yet stay pending for the rerun
+            if isinstance(exc, KeyboardInterrupt):
+                stop.set()  # running slices end after their current batch
+            raise
 
 
 def _slices(
@@ -341,8 +440,10 @@ def sweep(
     stop: threading.Event | None = None,
     on_progress: Progress | None = None,
     lock: threading.Lock | None = None,
+    split: _Splitter | None = None,
 ) -> None:
-    """Fetches the window in `state` from its cursor to the end, committing batches with the cursor.
+    """Fetches the window in `state` from its cursor to the end, committing batches with the cursor; or, when
+    `split` says so, up to its page (the caller sweeps the rest in slices).
 
     Concurrent sweeps (backfill slices) share `lock`: it serialises their writes and `summary` updates,
     because concurrent upserts of the same actor rows would conflict (DuckDB) or deadlock (PostgreSQL).
@@ -356,7 +457,7 @@ def sweep(
     lock = lock or threading.Lock()
     while True:
         try:
-            pages = _ahead(fetch_pages(client, query, state.sweep_cursor), PREFETCH_PAGES)
+            pages = _ahead(_until_split(fetch_pages(client, query, state.sweep_cursor), split), PREFETCH_PAGES)
             if backends.for_dialect(conn.dialect.name).NORMALISE_AHEAD:
                 batches = _ahead(_normalised(pages, state.source, conn.dialect.name), 1)
             else:  # see PREFETCH_PAGES: no Python work beside the engine's statements
@@ -385,6 +486,14 @@ def sweep(
                 store.save_rejected(conn, state.source, [(exc.body, "unusable page: " + str(exc))])
             summary.rejected += 1
             raise
+
+
+def _until_split(pages: Iterator[Page], split: _Splitter | None) -> Iterator[Page]:
+    """The pages, up to the one after which `split` decides to split the sweep."""
+    for page in pages:
+        yield page
+        if split is not None and split.stop_after(page):
+            return
 
 
 @dataclass

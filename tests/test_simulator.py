@@ -416,7 +416,7 @@ def test_control_endpoints(simulator):
     events = httpx.get(root + "/_sim/events", headers=headers).json()
     assert events == server.sim.events and len(events) == 52
     stats = httpx.get(root + "/_sim/stats", headers=headers).json()
-    assert stats == {"requests": 0, "faults": dict.fromkeys(ALL_FAULTS, 0), "events": 52}
+    assert stats == {"requests": 0, "faults": dict.fromkeys(ALL_FAULTS, 0), "events": 52, "rate_limited": 0}
 
 
 # -- faults and latency ----------------------------------------------------------------------------

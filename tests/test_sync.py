@@ -25,7 +25,7 @@ def assert_exact(sim, url):
 
 def test_first_run_stores_every_event_once_with_raw_as_served(simulator, db_url, key_env):
     server = simulator(events=3000, seed=1)
-    [summary] = sync(server, db_url)
+    [summary] = sync(server, db_url, workers=1)  # one sweep a stream (tests/test_parallel.py: split sweeps)
     assert summary.events_new == 3000
     tenant = sum(is_tenant_scoped(e["type"]) for e in server.sim.events)
     assert summary.pages == math.ceil(tenant / 100) + math.ceil((3000 - tenant) / 100)  # two streams
@@ -74,7 +74,10 @@ def test_run_killed_mid_sweep_then_rerun_is_exact(simulator, db_url, key_env):
     # machine it may not have: then the run starts over and is killed later.
     for requests in (35, 55, 75):
         start = server.sim.requests
-        proc = subprocess.Popen([sys.executable, "-m", "ingest", "run"], env=env, stderr=subprocess.DEVNULL)
+        # One sweep a stream (tests/test_parallel.py kills split sweeps).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ingest", "run", "--workers", "1"], env=env, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 60
         while server.sim.requests - start < requests and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -85,7 +88,9 @@ def test_run_killed_mid_sweep_then_rerun_is_exact(simulator, db_url, key_env):
     assert 0 < partial < 6000
     assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE sweep_lte IS NOT NULL") == 1  # unfinished sweep kept
     server.sim.append(40)
-    [summary] = sync(server, db_url, lock_wait=True)  # PostgreSQL: the killed run's session may outlive it a moment
+    [summary] = sync(
+        server, db_url, lock_wait=True, workers=1
+    )  # PostgreSQL: the killed run's session may outlive it a moment
     assert summary.events_new == 6040 - partial
     assert_exact(server.sim, db_url)
 

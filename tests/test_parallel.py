@@ -1,0 +1,67 @@
+"""A long sweep (a first sync) is split after its first page into time slices fetched concurrently, each with
+its own state row; the incremental checkpoint moves only when every slice is done, and a killed run resumes
+the slices where they stopped."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+from support import KEY, scalar, stored_events, sync
+
+
+def assert_exact(sim, url) -> None:
+    assert stored_events(url) == {e["id"]: e for e in sim.events}
+
+
+def test_a_first_sync_is_split_into_slices_and_is_exact(simulator, db_url, key_env, caplog):
+    server = simulator(events=6000, seed=61)
+    with caplog.at_level(logging.INFO, logger="ingest.sync"):
+        [summary] = sync(server, db_url, workers=4)
+    assert summary.status == "ok" and summary.events_new == 6000
+    assert any("in 4 slices" in r.getMessage() for r in caplog.records)
+    assert_exact(server.sim, db_url)
+    assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'slice'") == 0  # dropped once done
+    assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'incremental' AND checkpoint IS NULL") == 0
+
+    server.sim.append(50)
+    before = server.sim.requests
+    [summary] = sync(server, db_url, workers=4)
+    assert summary.events_new == 50 and server.sim.requests - before == 2  # one page a stream: no split
+    assert_exact(server.sim, db_url)
+
+
+def test_a_small_first_sync_makes_one_request_a_stream(simulator, duckdb_url, key_env):
+    server = simulator(events=60, seed=62)
+    sync(server, duckdb_url, workers=4)
+    assert server.sim.requests == 2
+    assert_exact(server.sim, duckdb_url)
+
+
+def test_a_split_first_sync_killed_mid_way_resumes_its_slices_and_ends_exact(simulator, db_url, key_env):
+    server = simulator(events=8000, seed=63, latency=0.05)
+    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": db_url}
+    # Killed once some slices have committed (about 90 requests in all); a busy machine may need a later kill.
+    for requests in (30, 50, 70):
+        start = server.sim.requests
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ingest", "run", "--workers", "4"], env=env, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 60
+        while server.sim.requests - start < requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        slices = scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'slice' AND checkpoint IS NULL")
+        if slices and len(stored_events(db_url)) > 100:
+            break
+    assert slices > 0  # the killed run left slices to do
+    # A stream with slices to do has not moved its checkpoint.
+    assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'incremental' AND checkpoint IS NULL") >= 1
+    [summary] = sync(server, db_url, lock_wait=True, workers=4)
+    assert summary.status == "ok"
+    assert_exact(server.sim, db_url)
+    assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'slice'") == 0
