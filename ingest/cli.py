@@ -88,17 +88,6 @@ def run(ctx: click.Context, source_name: str | None) -> None:
         click.echo(summary.line())
 
 
-@cli.command()
-@click.pass_context
-def status(ctx: click.Context) -> None:
-    """Checkpoint, events stored, newest event and recent runs, per source."""
-    from ingest.report import status_rows
-
-    settings = _settings(ctx)
-    rows = status_rows(_warehouse(settings), settings)
-    _print_table(rows, title="audit-ingest status")
-
-
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     from ingest.config import parse_duration
 
@@ -115,6 +104,21 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None):
         return None if value is None else parse_time(value)
     except ValueError as exc:
         raise ConfigError(f"bad --{param.name}: {exc}") from None
+
+
+@cli.command()
+@click.option("--wait", default="10s", show_default=True, callback=_duration,
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def status(ctx: click.Context, wait: float) -> None:
+    """Checkpoint, events stored, newest event and recent runs, per source."""
+    from ingest.export import waiting
+    from ingest.report import status_rows
+
+    settings = _settings(ctx)
+    warehouse = _warehouse(settings)
+    rows = waiting(wait, lambda: status_rows(warehouse, settings))
+    _print_table(rows, title="audit-ingest status")
 
 
 @cli.command()
@@ -377,6 +381,8 @@ def _setup_logging(settings, debug: bool, log_format: str) -> None:
         if log_format == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    if sys.stderr.isatty() and log_format == "text":
+        handler.addFilter(lambda record: not getattr(record, "raised", False))  # printed once, as `error: ...`
     handler.addFilter(
         _Redact([os.environ.get(s.key_env, "") for s in settings.sources] + [os.environ.get("OPENAI_ADMIN_KEY", "")])
     )
