@@ -206,6 +206,26 @@ def export(ctx: click.Context, since, until, fmt: str, output: Path, wait: float
 
 
 @cli.command()
+@click.option(
+    "--since", callback=_time, help="Start, inclusive: ISO-8601 date or datetime.  [default: --until - 7 days]"
+)
+@click.option("--until", callback=_time, help="End, exclusive.  [default: now]")
+@click.option("--output", default="report.html", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The HTML file to write.")  # fmt: skip
+@click.option("--wait", default="10s", show_default=True, callback=_duration,
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def report(ctx: click.Context, since, until, output: Path, wait: float) -> None:
+    """Write a self-contained HTML report of the organization's activity in [since, until)."""
+    from ingest.html_report import write_report
+
+    events, window = write_report(_settings(ctx), since, until, output, wait)
+    click.echo(
+        f"wrote {output}: {events:,} events from {window.since:%Y-%m-%d %H:%M} to {window.until:%Y-%m-%d %H:%M} UTC"
+    )
+
+
+@cli.command()
 @click.option("--events", default=5000, show_default=True, help="Events the simulator holds.")
 @click.option("--database", default="duckdb:///audit-ingest-demo.duckdb", show_default=True,
               help="Where the demo writes (kept apart from the real warehouse).")  # fmt: skip
