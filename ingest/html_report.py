@@ -62,6 +62,7 @@ class Breakdown:
     series: str = "type"
     types: tuple[str, ...] = ()
     top: int = 10
+    others: bool = True  # a row summing the values beyond the top ones (False: the top ones are the point)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ SECTIONS: tuple[Daily | Breakdown | Listing, ...] = (
         "invites", "Invites", ("invite.sent", "invite.accepted", "invite.deleted"),
         joins=(Join("invite_events", ("email", "role")),), flag=("role", "owner"),
     ),
-    Breakdown("actors", "Most active actors", "actor", by=ACTOR, series="actor_type", top=10),
+    Breakdown("actors", "Most active actors", "actor", by=ACTOR, series="actor_type", others=False),
 )  # fmt: skip
 
 
@@ -160,9 +161,10 @@ def _where(ev: sa.Table, window: Window, types: tuple[str, ...]) -> list:
     return clauses
 
 
-def _top(totals: dict[str, int], top: int) -> list[str]:
+def _top(totals: dict[str, int], top: int, others: bool = True) -> list[str]:
+    """The keys of the largest totals; with `others`, one fewer when an OTHERS row or series is needed."""
     named = sorted(totals, key=lambda k: (-totals[k], k))
-    return named if len(named) <= top else named[: top - 1]
+    return named if len(named) <= top else named[: top - others]
 
 
 def daily(conn: sa.Connection, section: Daily, window: Window) -> Rendered:
@@ -202,7 +204,7 @@ def breakdown(conn: sa.Connection, section: Breakdown, window: Window) -> Render
     for k, s, n in rows:
         counts[UNKNOWN if k is None else str(k)][UNKNOWN if s is None else str(s)] += n
     totals = {k: sum(v.values()) for k, v in counts.items()}
-    keys = _top(totals, section.top)
+    keys = _top(totals, section.top, section.others)
     series_totals: dict[str, int] = defaultdict(int)
     for k in keys:
         for s, n in counts[k].items():
@@ -213,11 +215,11 @@ def breakdown(conn: sa.Connection, section: Breakdown, window: Window) -> Render
     for k in keys:
         table.rows.append((k, {label: k, **{s: counts[k].get(s, 0) for s in series}, "total": totals[k]}))
     rest = [k for k in totals if k not in keys]
-    if rest and section.by != ACTOR:  # the busiest actors are the point, not the sum of the others
+    if rest and section.others:
         others = {s: sum(counts[k].get(s, 0) for k in rest) for s in series}
         table.rows.append((OTHERS, {label: OTHERS, **others, "total": sum(totals[k] for k in rest)}))
-    if rest and section.by == ACTOR:
-        table.note = f"the {len(keys)} busiest of {len(totals):,} actors"
+    elif rest:
+        table.note = f"the top {len(keys)} of {len(totals):,}"
     return Rendered(section.id, section.title, stacked_bars(table, series, vertical=False), [table])
 
 
@@ -290,17 +292,27 @@ def health(rows: list[dict], events: Rendered) -> Rendered:
 
 
 def extension(conn: sa.Connection, ext: Extension, schema: str | None) -> Rendered | None:
-    inspector = sa.inspect(conn)
-    if not inspector.has_table(ext.table, schema=schema):
+    info = sa.table("columns", sa.column("table_schema"), sa.column("table_name"), sa.column("column_name"),
+                    sa.column("ordinal_position"), schema="information_schema")  # fmt: skip
+    in_schema = sa.literal(schema) if schema else sa.func.current_schema()
+    names = (
+        conn.execute(
+            sa.select(info.c.column_name)
+            .where(info.c.table_name == ext.table, info.c.table_schema == in_schema)
+            .order_by(info.c.ordinal_position)
+        )
+        .scalars()
+        .all()
+    )
+    if not names:  # the feature has not landed in this warehouse
         return None
-    table = sa.Table(ext.table, sa.MetaData(), autoload_with=conn, schema=schema)
+    table = sa.table(ext.table, *(sa.column(n) for n in names), schema=schema)
     query = sa.select(table).limit(50)
-    if ext.order_by in table.c:
+    if ext.order_by in names:
         query = query.order_by(table.c[ext.order_by].desc())
-    rows = conn.execute(query).mappings().all()
-    out = Table(ext.id, list(table.c.keys()))
-    for i, r in enumerate(rows):
-        out.rows.append((str(i), {k: r[k] for k in out.columns}))
+    out = Table(ext.id, list(names))
+    for i, r in enumerate(conn.execute(query).mappings()):
+        out.rows.append((str(i), {k: r[k] for k in names}))
     return Rendered(ext.id, ext.title, "", [out])
 
 
