@@ -83,6 +83,7 @@ class Listing:
     items: tuple[Join, ...] = ()  # child tables of list items: (table, (value column,)), joined in order
     flag: tuple[str, str] | None = None
     limit: int = 200
+    columns: tuple[str, ...] = ("resource_id", "project_name")  # of audit_events, after time, type and actor
 
 
 LOGINS = ("login.succeeded", "login.failed")
@@ -93,7 +94,7 @@ SECTIONS: tuple[Daily | Breakdown | Listing, ...] = (
     Daily("api_keys", "API keys created and deleted per day", types=("api_key.created", "api_key.deleted")),
     Listing(
         "api_key_changes", "API keys created and deleted", ("api_key.created", "api_key.deleted"),
-        joins=(Join("api_key_events", ("api_key_id",)),), items=(Join("api_key_event_scopes", ("scope",)),),
+        columns=("project_name",), joins=(Join("api_key_events", ("api_key_id",)),), items=(Join("api_key_event_scopes", ("scope",)),),
     ),
     Listing(
         "role_changes", "Role and owner changes",
@@ -235,7 +236,7 @@ def listing(conn: sa.Connection, section: Listing, window: Window) -> Rendered:
         count_table.rows.append((t, {"type": t, "events": counts.get(t, 0)}))
 
     actor = sa.func.coalesce(*(ev.c[c] for c in ACTOR)).label("actor")
-    columns = [ev.c.id, ev.c.effective_at, ev.c.type, actor, ev.c.resource_id, ev.c.project_name]
+    columns = [ev.c.id, ev.c.effective_at, ev.c.type, actor, *(ev.c[c] for c in section.columns)]
     source: sa.FromClause = ev
     for join in section.joins:
         typed = model.metadata.tables[join.table]
@@ -258,8 +259,8 @@ def listing(conn: sa.Connection, section: Listing, window: Window) -> Rendered:
             q = sa.select(child.c.event_id, child.c[value]).where(child.c.event_id.in_(ids[i : i + 1000]))
             for event_id, item in conn.execute(q.order_by(child.c.event_id, child.c.position)):
                 items[event_id][value].append("" if item is None else item)
-    names = ["time", "type", "actor", "resource_id", "project_name"]
-    names += [c for join in section.joins for c in join.columns] + [c for join in section.items for c in join.columns]
+    names = ["time", "type", "actor", *(c for join in (*section.joins, *section.items) for c in join.columns)]
+    names += section.columns  # last: the typed columns say more
     table = Table(section.id, names)
     for e in events:
         row = {n: e[n] for n in names if n in e and n not in ("time",)}
@@ -453,6 +454,7 @@ table{border-collapse:collapse;width:100%;margin-top:10px;font-size:12px}
 th,td{border-bottom:1px solid #eceef2;padding:3px 6px;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f1f3f6}
 tr.flag td{background:#fdecea;font-weight:600}details summary{cursor:pointer;color:#3b5b8c}
+.scroll{overflow-x:auto}td[data-col=time],td[data-col=day]{white-space:nowrap}
 .note{color:#5b6372;font-size:12px;margin:6px 0 0}nav a{color:#c7cbd4;margin-right:12px;font-size:12px}
 """
 
@@ -482,8 +484,8 @@ def _table(table: Table) -> str:
     note = f'<p class="note">{_e(table.note)}</p>' if table.note else ""
     empty = "" if table.rows else '<p class="note">nothing in this window</p>'
     return (
-        f'<table id="table-{_e(table.id)}" data-rows="{len(table.rows)}"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{body}</tbody></table>{note}{empty}"
+        f'<div class="scroll"><table id="table-{_e(table.id)}" data-rows="{len(table.rows)}"><thead><tr>{head}</tr>'
+        f"</thead><tbody>{body}</tbody></table></div>{note}{empty}"
     )
 
 
