@@ -94,7 +94,8 @@ SECTIONS: tuple[Daily | Breakdown | Listing, ...] = (
     Daily("api_keys", "API keys created and deleted per day", types=("api_key.created", "api_key.deleted")),
     Listing(
         "api_key_changes", "API keys created and deleted", ("api_key.created", "api_key.deleted"),
-        columns=("project_name",), joins=(Join("api_key_events", ("api_key_id",)),), items=(Join("api_key_event_scopes", ("scope",)),),
+        columns=("project_name",), joins=(Join("api_key_events", ("api_key_id",)),),
+        items=(Join("api_key_event_scopes", ("scope",)),),
     ),
     Listing(
         "role_changes", "Role and owner changes",
@@ -281,6 +282,12 @@ def listing(conn: sa.Connection, section: Listing, window: Window) -> Rendered:
 RENDERERS: dict[type, Callable] = {Daily: daily, Breakdown: breakdown, Listing: listing}
 
 
+def every_event(sections: list[Rendered]) -> Rendered:
+    """The rendered daily counts of every event (a Daily section without types: one is declared)."""
+    (first, *_) = (s.id for s in SECTIONS if isinstance(s, Daily) and not s.types)
+    return next(r for r in sections if r.id == first)
+
+
 def health(rows: list[dict], events: Rendered) -> Rendered:
     """The copy's health, from `status`, and the days of the window without a single event."""
     table = Table("health", [c for c in (rows[0] if rows else ("source",)) if any(r.get(c) for r in rows)])
@@ -320,7 +327,7 @@ def extension(conn: sa.Connection, ext: Extension, schema: str | None) -> Render
 # ------------------------------------------------------------------------------------------ build
 def build(conn: sa.Connection, window: Window, status: list[dict], schema: str | None) -> list[Rendered]:
     sections = [RENDERERS[type(s)](conn, s, window) for s in SECTIONS]
-    sections.append(health(status, sections[0]))
+    sections.append(health(status, every_event(sections)))
     sections += [r for ext in EXTENSIONS if (r := extension(conn, ext, schema)) is not None]
     return sections
 
@@ -359,7 +366,7 @@ def write_report(settings: Settings, since: datetime | None, until: datetime | N
         raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from None
     finally:
         partial.unlink(missing_ok=True)
-    return sum(row["total"] for _, row in sections[0].tables[0].rows), window
+    return sum(row["total"] for _, row in every_event(sections).tables[0].rows), window
 
 
 # ------------------------------------------------------------------------------------------- SVG
