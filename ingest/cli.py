@@ -254,7 +254,7 @@ def demo(ctx: click.Context, events: int, database: str) -> None:
         click.echo()
         _print_table(rows, title=title)
     click.echo(f"\nExplore it: duckdb {database.removeprefix('duckdb:///')}   or   "
-               f"AUDIT_INGEST_DATABASE_URL={database} audit-ingest status")  # fmt: skip
+               f"AUDIT_INGEST_DATABASE_URL={database} audit-ingest status   (or report: an HTML page)")  # fmt: skip
 
 
 @cli.command()

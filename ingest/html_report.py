@@ -385,14 +385,11 @@ def _colors(series: list[str]) -> dict[str, str]:
 
 
 def _nice(top: int) -> int:
-    """A round axis maximum at or above `top`."""
-    step = 1
-    while step * 10 < max(top, 1):
-        step *= 10
-    for m in (1, 2, 5, 10):
-        if m * step >= top:
-            return max(m * step, 1)
-    return 10 * step
+    """A round tick step at or above `top`: 1, 2, 3, 4, 5, 6 or 8 times a power of ten."""
+    power = 1
+    while power * 10 < max(top, 1):
+        power *= 10
+    return next(m * power for m in (1, 2, 3, 4, 5, 6, 8, 10) if m * power >= top)
 
 
 def stacked_bars(table: Table, series: list[str], *, vertical: bool) -> str:
