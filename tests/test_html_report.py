@@ -41,11 +41,13 @@ class Page(HTMLParser):
         self.external: list[str] = []
         self.svgs: list[str] = []
         self.window: dict = {}
+        self.tags: Counter = Counter()
         self._table = None
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        self.tags[tag] += 1
         for name in ("src", "href"):
             if a.get(name) and not a[name].startswith("#"):
                 self.external.append(a[name])
@@ -85,8 +87,17 @@ def day_of(value) -> str:
 
 def test_the_report_in_a_browser_shows_the_warehouses_numbers_for_its_window(simulator, db_url, tmp_path, key_env):
     server = simulator(events=4000, seed=23, span_seconds=12 * 86400)
-    sync(server, db_url)
     newest = max(e["effective_at"] for e in server.sim.events)
+    # Markup in the data stays text: an actor's email and a country that would be an image and a script.
+    session = {
+        "user": {"id": "user-hostile", "email": '<img src=x onerror="console.error(1)">@evil.test'},
+        "ip_address": "203.0.113.9",
+        "ip_address_details": {"country": "<script>console.error(2)</script>"},
+    }
+    server.sim.insert([{"id": "audit_log-hostile", "object": "organization.audit_log", "type": "login.failed",
+                        "effective_at": newest - 5, "actor": {"type": "session", "session": session},
+                        "login.failed": {"error_code": "invalid_credentials"}}])  # fmt: skip
+    sync(server, db_url)
     until = datetime.fromtimestamp(newest, UTC).replace(minute=0, second=0) + timedelta(hours=1)
     since = until - timedelta(days=9, hours=5)  # not on a day's boundary: the first day is partial
     output = tmp_path / "report.html"
@@ -100,6 +111,7 @@ def test_the_report_in_a_browser_shows_the_warehouses_numbers_for_its_window(sim
     assert console == []  # no error, no CSP violation (nothing is loaded), no message at all
     page = Page(dom.stdout)
     assert page.external == []  # self-contained: no stylesheet, script, image or link to load
+    assert page.tags["script"] == page.tags["img"] == 0 and "&lt;script&gt;console.error(2)" in output.read_text()
     shot = tmp_path / "report.png"
     taken = chromium("--hide-scrollbars", "--window-size=1000,2400", f"--screenshot={shot}", output.as_uri())
     assert taken.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
