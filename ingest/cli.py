@@ -88,6 +88,21 @@ def run(ctx: click.Context, source_name: str | None) -> None:
         click.echo(summary.line())
 
 
+@cli.command()  # (a lambda: _duration is defined below)
+@click.option("--wait", default="10s", show_default=True, callback=lambda *a: _duration(*a),
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def status(ctx: click.Context, wait: float) -> None:
+    """Checkpoint, events stored, newest event and recent runs, per source."""
+    from ingest.export import waiting
+    from ingest.report import status_rows
+
+    settings = _settings(ctx)
+    warehouse = _warehouse(settings)
+    rows = waiting(wait, lambda: status_rows(warehouse, settings))
+    _print_table(rows, title="audit-ingest status")
+
+
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     from ingest.config import parse_duration
 
@@ -104,21 +119,6 @@ def _time(ctx: click.Context, param: click.Parameter, value: str | None):
         return None if value is None else parse_time(value)
     except ValueError as exc:
         raise ConfigError(f"bad --{param.name}: {exc}") from None
-
-
-@cli.command()
-@click.option("--wait", default="10s", show_default=True, callback=_duration,
-              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
-@click.pass_context
-def status(ctx: click.Context, wait: float) -> None:
-    """Checkpoint, events stored, newest event and recent runs, per source."""
-    from ingest.export import waiting
-    from ingest.report import status_rows
-
-    settings = _settings(ctx)
-    warehouse = _warehouse(settings)
-    rows = waiting(wait, lambda: status_rows(warehouse, settings))
-    _print_table(rows, title="audit-ingest status")
 
 
 @cli.command()

@@ -223,6 +223,8 @@ def test_alerts_and_verify_sections_appear_once_their_tables_exist(simulator, db
     assert result.returncode == 0, result.stderr
     page = Page(output.read_text())
     assert "alerts" in page.sections and "verify" not in page.sections
+    since, until = (datetime.fromisoformat(page.window[f"data-{k}"]) for k in ("since", "until"))
+    assert until - since == timedelta(days=7)  # the default window: the last 7 days
     assert [v["rule"] for v in page.rows("alerts").values()] == ["owner granted", "failed login burst"]
 
 
