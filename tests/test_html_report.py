@@ -112,7 +112,10 @@ def test_the_report_in_a_browser_shows_the_warehouses_numbers_for_its_window(sim
     page = Page(dom.stdout)
     assert page.external == []  # self-contained: no stylesheet, script, image or link to load
     assert page.tags["script"] == page.tags["img"] == 0 and "&lt;script&gt;console.error(2)" in output.read_text()
-    shot = tmp_path / "report.png"
+    # The screenshot of this known dataset: kept in AUDIT_INGEST_TEST_ARTIFACTS when set, else with the test's files.
+    artifacts = Path(os.environ.get("AUDIT_INGEST_TEST_ARTIFACTS") or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / f"report-{db_url.split(':', 1)[0].split('+')[0]}.png"
     taken = chromium("--hide-scrollbars", "--window-size=1000,2400", f"--screenshot={shot}", output.as_uri())
     assert taken.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
