@@ -256,10 +256,9 @@ def listing(conn: sa.Connection, section: Listing, window: Window) -> Rendered:
     for join in section.items:
         child = model.metadata.tables[join.table]
         (value,) = join.columns
-        for i in range(0, len(ids), 1000):
-            q = sa.select(child.c.event_id, child.c[value]).where(child.c.event_id.in_(ids[i : i + 1000]))
-            for event_id, item in conn.execute(q.order_by(child.c.event_id, child.c.position)):
-                items[event_id][value].append("" if item is None else item)
+        q = sa.select(child.c.event_id, child.c[value]).where(child.c.event_id.in_(ids))  # at most `limit` ids
+        for event_id, item in conn.execute(q.order_by(child.c.event_id, child.c.position)):
+            items[event_id][value].append("" if item is None else item)
     names = ["time", "type", "actor", *(c for join in (*section.joins, *section.items) for c in join.columns)]
     names += section.columns  # last: the typed columns say more
     table = Table(section.id, names)

@@ -237,3 +237,18 @@ def test_report_window_mistakes_are_one_line(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     result = cli("report", "--output", str(tmp_path / "r.html"), env=env)
     assert result.returncode == 8 and "no warehouse" in result.stderr and not Path(tmp_path / "r.html").exists()
+
+
+def test_a_window_without_events_is_a_report_of_zeros(synced_10k, tmp_path):
+    output = tmp_path / "empty.html"
+    result = cli("report", "--since", "2020-01-01", "--until", "2020-01-03T12:00", "--output", str(output),
+                 env={"AUDIT_INGEST_DATABASE_URL": synced_10k.url})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {output}: 0 events")
+    page = Page(output.read_text())
+    assert [(d, r["total"]) for d, r in page.rows("events").items()] == [
+        ("2020-01-01", "0"), ("2020-01-02", "0"), ("2020-01-03", "0")
+    ]  # fmt: skip
+    assert page.rows("api_key_changes") == {} and page.rows("actors") == {}
+    assert page.rows("health")["default"]["events"] == "10,000"
+    assert list(page.rows("gaps")) == ["2020-01-01", "2020-01-02", "2020-01-03"]
