@@ -90,14 +90,18 @@ def run(ctx: click.Context, source_name: str | None, workers: int | None) -> Non
         click.echo(summary.line())
 
 
-@cli.command()
+@cli.command()  # (a lambda: _duration is defined below)
+@click.option("--wait", default="10s", show_default=True, callback=lambda *a: _duration(*a),
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
 @click.pass_context
-def status(ctx: click.Context) -> None:
+def status(ctx: click.Context, wait: float) -> None:
     """Checkpoint, events stored, newest event and recent runs, per source."""
+    from ingest.export import waiting
     from ingest.report import status_rows
 
     settings = _settings(ctx)
-    rows = status_rows(_warehouse(settings), settings)
+    warehouse = _warehouse(settings)
+    rows = waiting(wait, lambda: status_rows(warehouse, settings))
     _print_table(rows, title="audit-ingest status")
 
 
@@ -204,6 +208,26 @@ def export(ctx: click.Context, since, until, fmt: str, output: Path, wait: float
 
 
 @cli.command()
+@click.option(
+    "--since", callback=_time, help="Start, inclusive: ISO-8601 date or datetime.  [default: --until - 7 days]"
+)
+@click.option("--until", callback=_time, help="End, exclusive.  [default: now]")
+@click.option("--output", default="report.html", show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The HTML file to write.")  # fmt: skip
+@click.option("--wait", default="10s", show_default=True, callback=_duration,
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def report(ctx: click.Context, since, until, output: Path, wait: float) -> None:
+    """Write a self-contained HTML report of the organization's activity in [since, until)."""
+    from ingest.html_report import write_report
+
+    events, window = write_report(_settings(ctx), since, until, output, wait)
+    click.echo(
+        f"wrote {output}: {events:,} events from {window.since:%Y-%m-%d %H:%M} to {window.until:%Y-%m-%d %H:%M} UTC"
+    )
+
+
+@cli.command()
 @click.option("--events", default=5000, show_default=True, help="Events the simulator holds.")
 @click.option("--database", default="duckdb:///audit-ingest-demo.duckdb", show_default=True,
               help="Where the demo writes (kept apart from the real warehouse).")  # fmt: skip
@@ -232,7 +256,7 @@ def demo(ctx: click.Context, events: int, database: str) -> None:
         click.echo()
         _print_table(rows, title=title)
     click.echo(f"\nExplore it: duckdb {database.removeprefix('duckdb:///')}   or   "
-               f"AUDIT_INGEST_DATABASE_URL={database} audit-ingest status")  # fmt: skip
+               f"AUDIT_INGEST_DATABASE_URL={database} audit-ingest status   (or report: an HTML page)")  # fmt: skip
 
 
 @cli.command()
@@ -413,6 +437,8 @@ def _setup_logging(settings, debug: bool, log_format: str) -> None:
         if log_format == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    if sys.stderr.isatty() and log_format == "text":
+        handler.addFilter(lambda record: not getattr(record, "raised", False))  # printed once, as `error: ...`
     handler.addFilter(
         _Redact([os.environ.get(s.key_env, "") for s in settings.sources] + [os.environ.get("OPENAI_ADMIN_KEY", "")])
     )

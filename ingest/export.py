@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -29,6 +29,8 @@ from ingest.store import Warehouse
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -51,6 +53,18 @@ def reader(settings: Settings, wait: float) -> Iterator[sa.Connection]:
             yield conn
     finally:
         warehouse.dispose()
+
+
+def waiting(wait: float, read: Callable[[], T]) -> T:
+    """`read()`, retried for `wait` seconds while a sync holds the DuckDB file (as `reader` does)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return read()
+        except DatabaseInUseError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------------------- query

@@ -60,9 +60,11 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
                 .order_by(runs.c.finished_at)
             )
         }
-    names = [s.name for s in settings.sources] + sorted(
-        (stored.keys() | states.keys() | backfills.keys()) - {s.name for s in settings.sources}
-    )
+    found = stored.keys() | states.keys() | backfills.keys()
+    # The implicit `default` source is listed only where nothing else is: a warehouse of other sources
+    # (the demo's) never had it.
+    configured = [s.name for s in settings.sources] if "sources" in settings.model_fields_set or not found else []
+    names = configured + sorted(found - set(configured))
     rows, current = [], now()
     for name in names:
         streams, ev_row = states.get(name, []), stored.get(name)

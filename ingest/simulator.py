@@ -568,7 +568,10 @@ class _Generator:
         return f"audit_log-{self.rng.getrandbits(80):020x}"
 
     def event(self, event_type: str, effective_at: int, actor: dict[str, Any] | None) -> dict[str, Any]:
-        ev: dict[str, Any] = {"id": self.new_id(), "type": event_type, "effective_at": effective_at}
+        # `object` is on every event on the wire (public captures), though absent from the spec's schema.
+        ev: dict[str, Any] = {
+            "id": self.new_id(), "object": "organization.audit_log", "type": event_type, "effective_at": effective_at
+        }  # fmt: skip
         payload = self.payload(event_type)
         if event_type.startswith("project."):
             pid = payload["id"]

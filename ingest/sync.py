@@ -117,7 +117,8 @@ def run_sources(
             if isinstance(exc, Interrupted):
                 raise
             failure = failure or exc
-            log.error("%s: %s", source.name, exc)
+            # `raised`: the CLI prints this one as `error: ...` anyway, so a terminal can do without the log line.
+            log.error("%s: %s", source.name, exc, extra={"raised": failure is exc})
     feed_consumers(settings, warehouse)
     if failure:
         raise failure
