@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -45,6 +47,30 @@ def stored_events(database_url: str, schema: str | None = None) -> dict[str, dic
     finally:
         warehouse.dispose()
     return {row.id: row.raw if isinstance(row.raw, dict) else json.loads(row.raw) for row in rows}
+
+
+def select(url: str, query) -> list:
+    """The rows of a query, read back from the warehouse."""
+    warehouse = Warehouse(url)
+    try:
+        with warehouse.connect() as conn:
+            return conn.execute(query).all()
+    finally:
+        warehouse.dispose()
+
+
+def kill_run_after(server, env: dict, args: list[str], requests: int, *, after: float = 0.0) -> None:
+    """Starts `audit-ingest <args>` and SIGKILLs it once the simulator has served `requests` more (not after a
+    time: a busy machine starts slower), `after` seconds later."""
+    start = server.sim.requests
+    proc = subprocess.Popen([sys.executable, "-m", "ingest", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and server.sim.requests - start < requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def scalar(database_url: str, sql: str, schema: str | None = None):

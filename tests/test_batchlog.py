@@ -4,7 +4,6 @@ every batch once, whatever kills happen."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import KEY, stored_events, sync
+from support import KEY, kill_run_after, stored_events, sync
 
 from ingest import batchlog, consumers, model
 from ingest.state import Key
@@ -176,15 +175,7 @@ def test_a_sigkill_mid_batch_leaves_no_number_without_its_events_nor_an_event_wi
     counts = []
     # Killed after some requests (not some time: a busy machine starts slower), at a moment among commits.
     for requests, after in ((40, 0.05), (60, 0.3), (90, 0.1), (120, 0.2)):
-        start = server.sim.requests
-        proc = subprocess.Popen([sys.executable, "-m", "ingest", "run"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and server.sim.requests - start < requests and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(after)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_run_after(server, env, ["run"], requests, after=after)
         counts.append(log_invariants(url)[1])
     assert counts == sorted(counts) and counts[-1] > 0
     result = subprocess.run([sys.executable, "-m", "ingest", "run"], env=env, capture_output=True, text=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import cli, sync
+from support import cli, select, sync
 
 from ingest import html_report, model
 from ingest.store import Warehouse
@@ -70,15 +70,6 @@ class Page(HTMLParser):
 
     def rows(self, table: str) -> dict[str, dict]:
         return {key: values for key, values, _ in self.tables[table]}
-
-
-def select(url: str, query) -> list:
-    warehouse = Warehouse(url)
-    try:
-        with warehouse.connect() as conn:
-            return conn.execute(query).all()
-    finally:
-        warehouse.dispose()
 
 
 def day_of(value) -> str:

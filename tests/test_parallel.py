@@ -5,12 +5,8 @@ the slices where they stopped."""
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
-import sys
-import time
 
-from support import KEY, scalar, stored_events, sync
+from support import KEY, kill_run_after, scalar, stored_events, sync
 
 
 def assert_exact(sim, url) -> None:
@@ -46,15 +42,7 @@ def test_a_split_first_sync_killed_mid_way_resumes_its_slices_and_ends_exact(sim
     env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": db_url}
     # Killed once some slices have committed (about 90 requests in all); a busy machine may need a later kill.
     for requests in (30, 50, 70):
-        start = server.sim.requests
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "run", "--workers", "4"], env=env, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 60
-        while server.sim.requests - start < requests and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_run_after(server, env, ["run", "--workers", "4"], requests)
         slices = scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'slice' AND checkpoint IS NULL")
         if slices and len(stored_events(db_url)) > 100:
             break

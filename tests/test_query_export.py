@@ -16,21 +16,12 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from support import cli, settings_for, sync
+from support import cli, select, settings_for, sync
 
 from ingest import model
 from ingest.errors import IngestError
 from ingest.store import Warehouse
 from ingest.sync import backfill
-
-
-def select(url: str, query) -> list:
-    warehouse = Warehouse(url)
-    try:
-        with warehouse.connect() as conn:
-            return conn.execute(query).all()
-    finally:
-        warehouse.dispose()
 
 
 def env_for(url: str, **extra: str) -> dict:

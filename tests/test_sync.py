@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
-import sys
 import time
 
-from support import KEY, cli, scalar, settings_for, stored_events, sync
+from support import KEY, cli, kill_run_after, scalar, settings_for, stored_events, sync
 
 from ingest.model import is_tenant_scoped
 from ingest.store import Warehouse
@@ -73,24 +70,14 @@ def test_run_killed_mid_sweep_then_rerun_is_exact(simulator, db_url, key_env):
     # Killed after 35 of about 120 requests, when a batch (1 s of pages) has usually committed; on a busy
     # machine it may not have: then the run starts over and is killed later.
     for requests in (35, 55, 75):
-        start = server.sim.requests
-        # One sweep a stream (tests/test_parallel.py kills split sweeps).
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ingest", "run", "--workers", "1"], env=env, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 60
-        while server.sim.requests - start < requests and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_run_after(server, env, ["run", "--workers", "1"], requests)  # one sweep a stream (test_parallel: split)
         if partial := len(stored_events(db_url)):
             break
     assert 0 < partial < 6000
     assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE sweep_lte IS NOT NULL") == 1  # unfinished sweep kept
     server.sim.append(40)
-    [summary] = sync(
-        server, db_url, lock_wait=True, workers=1
-    )  # PostgreSQL: the killed run's session may outlive it a moment
+    # lock_wait: on PostgreSQL the killed run's session may outlive it a moment.
+    [summary] = sync(server, db_url, lock_wait=True, workers=1)
     assert summary.events_new == 6040 - partial
     assert_exact(server.sim, db_url)
 
