@@ -36,23 +36,20 @@ T = TypeVar("T")
 @contextmanager
 def reader(settings: Settings, wait: float) -> Iterator[sa.Connection]:
     """A read-only connection, retrying for `wait` seconds while a sync holds the DuckDB file."""
+    warehouse = read_only_warehouse(settings)
+    try:
+        with ExitStack() as stack:
+            yield waiting(wait, lambda: stack.enter_context(warehouse.connect()))
+    finally:
+        warehouse.dispose()
+
+
+def read_only_warehouse(settings: Settings) -> Warehouse:
+    """The warehouse opened read-only; one line when a DuckDB file does not exist yet."""
     warehouse = Warehouse(settings.database_url, settings.db_schema, read_only=True)
     if warehouse.dialect == "duckdb" and not Path(str(warehouse.location)).exists():
         raise DatabaseError(f"no warehouse at {warehouse.location} yet: run `audit-ingest run` first")
-    deadline = time.monotonic() + wait
-    try:
-        with ExitStack() as stack:
-            while True:
-                try:
-                    conn = stack.enter_context(warehouse.connect())
-                    break
-                except DatabaseInUseError:
-                    if time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.2)
-            yield conn
-    finally:
-        warehouse.dispose()
+    return warehouse
 
 
 def waiting(wait: float, read: Callable[[], T]) -> T:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from ingest import model
 from ingest.config import Settings
-from ingest.errors import ConfigError, DatabaseError
+from ingest.errors import ConfigError
 
 # The actor of an event, as a person reads it: who it was, else the service account or key that acted.
 ACTOR = ("actor_email", "actor_service_account_id", "actor_api_key_id")
@@ -334,18 +334,15 @@ def build(conn: sa.Connection, window: Window, status: list[dict], schema: str |
 def write_report(settings: Settings, since: datetime | None, until: datetime | None, output: Path,
                  wait: float) -> tuple[int, Window]:  # fmt: skip
     """Writes the report of [since, until) (default: the 7 days before now) to `output`; (events, window)."""
-    from ingest.export import waiting
+    from ingest.export import read_only_warehouse, waiting
     from ingest.report import status_rows
-    from ingest.store import Warehouse
 
     until = until or datetime.now(UTC)
     since = since or until - timedelta(days=7)
     if until <= since:
         raise ConfigError("the report's window is empty: --until must be later than --since")
     window = Window(*(t.astimezone(UTC).replace(tzinfo=None) for t in (since, until)))
-    warehouse = Warehouse(settings.database_url, settings.db_schema, read_only=True)
-    if warehouse.dialect == "duckdb" and not Path(str(warehouse.location)).exists():
-        raise DatabaseError(f"no warehouse at {warehouse.location} yet: run `audit-ingest run` first")
+    warehouse = read_only_warehouse(settings)
 
     def read() -> list[Rendered]:
         status = status_rows(warehouse, settings)
