@@ -69,4 +69,8 @@ def run(
 def configured(settings) -> list[Consumer]:
     """The consumers the settings ask for, in the order they run after each sync."""
     found: list[Consumer] = []
+    if settings.detections:
+        from ingest import detect
+
+        found += detect.consumers_for(settings)
     return found

@@ -428,6 +428,39 @@ ingest_batch_counter = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),
 )
 
+# Detections (ingest.detect): one row per alert; a rule never alerts twice on the same events, so the key
+# is the rule and a hash of its sorted event ids, whatever reruns, crashes or backfills happen.
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("rule_id", sa.Text, nullable=False),  # the Sigma rule's name (or id)
+    sa.Column("events_hash", sa.Text, nullable=False),  # sha256 of the sorted event ids
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("level", sa.Text, nullable=False),
+    sa.Column("tags", JSON, nullable=False),  # list of Sigma tags (attack.t1110, ...)
+    sa.Column("event_ids", JSON, nullable=False),  # sorted list
+    _ts("first_event_at", nullable=False),
+    _ts("last_event_at", nullable=False),
+    _ts("created_at", nullable=False),
+    sa.Column("historical", sa.Boolean, nullable=False),  # raised by events a backfill stored
+    sa.Column("batch_seq", sa.BigInteger, nullable=False),  # the committed batch whose processing raised it
+    sa.PrimaryKeyConstraint("rule_id", "events_hash"),
+)
+# Webhook deliveries (ingest.delivery): one row per alert and URL, written with the alert, so an alert
+# committed is an alert delivered at least once, whenever the receiver is back.
+alert_deliveries = sa.Table(
+    "alert_deliveries",
+    metadata,
+    sa.Column("rule_id", sa.Text, nullable=False),
+    sa.Column("events_hash", sa.Text, nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    _ts("next_attempt_at", nullable=False),
+    _ts("delivered_at"),
+    sa.Column("last_error", sa.Text),
+    sa.PrimaryKeyConstraint("rule_id", "events_hash", "url"),
+)
+
 rejected_events = sa.Table(
     "rejected_events",
     metadata,
