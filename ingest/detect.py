@@ -30,9 +30,12 @@ from pathlib import Path
 
 import orjson
 import sqlalchemy as sa
+import yaml
 
 from ingest import batchlog, model, store
 from ingest.errors import RulesError
+
+__all__ = ["RulesError"]
 from ingest.state import Key
 
 log = logging.getLogger("ingest.detect")
@@ -96,6 +99,10 @@ def load(rules_dir: str | Path | None = None, placeholders: dict[str, list[str]]
     for path in rule_files(rules_dir):
         try:
             collection = SigmaCollection.from_yaml(path.read_text(encoding="utf-8"), resolve_references=False)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise RulesError(f"{path}: not YAML{where}: {getattr(exc, 'problem', None) or _first_line(exc)}") from None
         except (SigmaError, OSError, ValueError) as exc:
             raise RulesError(f"{path}: {_first_line(exc)}") from None
         for sigma in collection.rules:
@@ -289,18 +296,24 @@ def known_field(name: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- matching
 def _values(event: dict, path: str) -> list:
-    """The values at a dotted path; lists on the way are flattened (any item may match)."""
-    current = [event]
-    for part in path.split("."):
-        step = []
-        for value in current:
-            if isinstance(value, dict) and part in value:
-                child = value[part]
-                step.extend(child if isinstance(child, list) else [child])
-            elif isinstance(value, list):
-                step.extend(v[part] for v in value if isinstance(v, dict) and part in v)
-        current = step
-    return [v for v in current for v in (v if isinstance(v, list) else [v])]
+    """The values at a dotted path; lists on the way are flattened (any item may match). Keys may hold
+    dots themselves: the payload is under the event's type (`api_key.created.data.scopes`)."""
+    out: list = []
+    _walk(event, path.split("."), out)
+    return out
+
+
+def _walk(value, parts: list[str], out: list) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _walk(item, parts, out)
+    elif not parts:
+        out.append(value)
+    elif isinstance(value, dict):
+        for k in range(1, len(parts) + 1):
+            key = ".".join(parts[:k]) if k > 1 else parts[0]
+            if key in value:
+                _walk(value[key], parts[k:], out)
 
 
 def _leaves(value) -> Iterator:
@@ -321,7 +334,7 @@ def _regex(pattern: str, flags: int) -> re.Pattern:
 
 def _string(value, found: list) -> bool:
     cased = value.__class__.__name__ == "SigmaCasedString"
-    regex = _regex(value.to_regex().regexp, re.DOTALL | (0 if cased else re.IGNORECASE))
+    regex = _regex(str(value.to_regex().regexp), re.DOTALL | (0 if cased else re.IGNORECASE))
     return any(
         regex.fullmatch(v if isinstance(v, str) else orjson.dumps(v).decode())
         for v in found
@@ -358,7 +371,7 @@ def _regexp(value, found: list) -> bool:
     flags = re.IGNORECASE if any(f.name == "IGNORECASE" for f in value.flags) else 0
     flags |= re.MULTILINE if any(f.name == "MULTILINE" for f in value.flags) else 0
     flags |= re.DOTALL if any(f.name == "DOTALL" for f in value.flags) else 0
-    regex = _regex(value.regexp, flags)
+    regex = _regex(str(value.regexp), flags)
     return any(isinstance(v, str) and regex.search(v) for v in found)
 
 
