@@ -17,7 +17,6 @@ temporal, the last event of each rule.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import ipaddress
 import logging
@@ -241,16 +240,24 @@ def _types(tree, detections) -> frozenset[str] | None:
 
 
 def _detection_types(detection) -> frozenset[str] | None:
-    from sigma.types import SigmaString
-
     if detection.item_linking.__name__ != "ConditionAND":
         return None
     for item in detection.detection_items:
-        if getattr(item, "field", None) == "type" and all(
-            isinstance(v, SigmaString) and not v.contains_special() for v in item.value
-        ):
+        if getattr(item, "field", None) == "type" and not item.negated and all(map(_plain_or_prefix, item.value)):
             return frozenset(str(v) for v in item.value)
     return None
+
+
+def _plain_or_prefix(value) -> bool:
+    """A type pattern the prefilter can use: a plain string, or one with a single trailing `*`."""
+    from sigma.types import SigmaString, SpecialChars
+
+    if type(value) is not SigmaString:
+        return False
+    parts = list(value.s)
+    if parts and parts[-1] == SpecialChars.WILDCARD_MULTI:
+        parts = parts[:-1]
+    return all(isinstance(p, str) for p in parts) and "*" not in "".join(parts)
 
 
 @cache
@@ -332,9 +339,16 @@ def _regex(pattern: str, flags: int) -> re.Pattern:
     return re.compile(pattern, flags)
 
 
+_STRING_REGEX: dict[int, tuple[object, re.Pattern]] = {}  # id(SigmaString) -> (it, its regex): to_regex is slow
+
+
 def _string(value, found: list) -> bool:
-    cased = value.__class__.__name__ == "SigmaCasedString"
-    regex = _regex(str(value.to_regex().regexp), re.DOTALL | (0 if cased else re.IGNORECASE))
+    cached = _STRING_REGEX.get(id(value))
+    if cached is None or cached[0] is not value:
+        cased = value.__class__.__name__ == "SigmaCasedString"
+        flags = re.DOTALL | (0 if cased else re.IGNORECASE)
+        cached = _STRING_REGEX[id(value)] = (value, _regex(str(value.to_regex().regexp), flags))
+    regex = cached[1]
     return any(
         regex.fullmatch(v if isinstance(v, str) else orjson.dumps(v).decode())
         for v in found
@@ -430,9 +444,15 @@ class Matcher:
         self.detections = rule.sigma.detection.detections
 
     def __call__(self, event: dict) -> bool:
-        if self.rule.types is not None and event.get("type") not in self.rule.types:
+        if self.rule.types is not None and not _type_in(event.get("type"), self.rule.types):
             return False
         return _condition_matches(self.tree, self.detections, event)
+
+
+def _type_in(event_type, types: frozenset[str]) -> bool:
+    return isinstance(event_type, str) and (
+        event_type in types or any(t.endswith("*") and event_type.startswith(t[:-1]) for t in types)
+    )
 
 
 def matches(rule: Rule, event: dict) -> bool:
@@ -480,9 +500,14 @@ def evaluate(
     alerts: list[Alert] = []
     needed = {r.rule_id for r in active if not r.correlation}
     needed |= {ref.reference for r in active if r.correlation for ref in r.sigma.rules}
-    hits: dict[str, list[batchlog.StoredEvent]] = {
-        rule_id: [e for e in new if matchers[rule_id](e.raw)] for rule_id in needed
-    }
+    by_type: dict[str, list[batchlog.StoredEvent]] = {}
+    for event in new:
+        by_type.setdefault(event.raw.get("type"), []).append(event)
+    hits: dict[str, list[batchlog.StoredEvent]] = {}
+    for rule_id in needed:
+        types = matchers[rule_id].rule.types
+        candidates = new if types is None else [e for t, es in by_type.items() if _type_in(t, types) for e in es]
+        hits[rule_id] = [e for e in candidates if matchers[rule_id](e.raw)]
     for rule in active:
         if not rule.correlation:
             alerts.extend(Alert(rule, (e,), e.id in historical) for e in hits[rule.rule_id])
@@ -515,56 +540,50 @@ def _correlate(conn, rule: Rule, bases: list[Rule], matchers, triggers, historic
     kind = sigma.type.name.lower()
     lo = min(e.effective_at for _, e in triggers) - span
     hi = max(e.effective_at for _, e in triggers)
-    types = None if any(b.types is None for b in bases) else sorted(frozenset().union(*(b.types for b in bases)))
-    # Every matched event of the window, per group, in (time, id) order: (time, id, rule, event).
+    types = None if any(b.types is None for b in bases) else frozenset().union(*(b.types for b in bases))
+    fieldref = sigma.condition.fieldref if kind == "value_count" else None
+    # Every matched event of the window, per group: (time, id, rule, event, the value counted).
     groups: dict[tuple, list] = {}
     for event in _stored(conn, lo, hi, types, last_seq):
         for base in bases:
             if matchers[base.rule_id](event.raw):
                 key = _group(rule, base.rule_id, event.raw)
                 if key is not None:
-                    groups.setdefault(key, []).append((event.effective_at, event.id, base.rule_id, event))
-    for rows in groups.values():
-        rows.sort(key=lambda r: (r[0], r[1], r[2]))
+                    value = base.rule_id if kind == "temporal" else _value(event.raw, fieldref) if fieldref else None
+                    groups.setdefault(key, []).append((event.effective_at, event.id, base.rule_id, event, value))
+    wanted = {(base_id, e.id) for base_id, e in triggers}
     test = _CORRELATION_OPS[sigma.condition.op.name]
     count = len(bases) if kind == "temporal" else sigma.condition.count
-    seen: set[tuple[str, str]] = set()
-    for base_id, trigger in sorted(triggers, key=lambda t: (t[1].effective_at, t[1].id)):
-        key = _group(rule, base_id, trigger.raw)
-        if key is None or (base_id, trigger.id) in seen:
-            continue
-        seen.add((base_id, trigger.id))
-        rows = groups.get(key, [])
-        end = bisect.bisect_right(rows, (trigger.effective_at, trigger.id, base_id), key=lambda r: r[:3])
-        start = bisect.bisect_left(rows, (trigger.effective_at - span,), key=lambda r: r[:1])
-        window = rows[start:end]
-        before = window[:-1]
-        if kind == "event_count":
-            if test(len(window), count) and not test(len(before), count):
-                chosen = [r[3] for r in window]
-            else:
+    for rows in groups.values():
+        rows.sort(key=lambda r: r[:3])
+        # The window ending at each row, slid once over the group: rows[first:j + 1].
+        first, counts, latest = 0, {}, {}
+        for j, (at, event_id, base_id, event, value) in enumerate(rows):
+            while rows[first][0] < at - span:
+                old = rows[first][4]
+                if old is not None:
+                    counts[old] -= 1
+                    if not counts[old]:
+                        del counts[old], latest[old]
+                first += 1
+            if value is not None:
+                counts[value] = counts.get(value, 0) + 1
+                latest[value] = event
+            if (base_id, event_id) not in wanted:
                 continue
-        else:
-            if kind == "value_count":
-                path = sigma.condition.fieldref
-
-                def value(r, path=path):
-                    found = _values(r[3].raw, path)
-                    return found[0] if found and isinstance(found[0], str | int | float | bool) else None
+            if kind == "event_count":
+                size = j + 1 - first
+                if test(size, count) and not test(size - 1, count):
+                    yield Alert(rule, tuple(r[3] for r in rows[first : j + 1]), event_id in historical)
             else:
+                before = len(counts) - (1 if value is not None and counts[value] == 1 else 0)
+                if test(len(counts), count) and not test(before, count):
+                    yield Alert(rule, tuple(latest.values()), event_id in historical)
 
-                def value(r):
-                    return r[2]
 
-            latest: dict = {}
-            for r in window:
-                if (v := value(r)) is not None:
-                    latest[v] = r[3]
-            before_values = {value(r) for r in before} - {None}
-            if not (test(len(latest), count) and not test(len(before_values), count)):
-                continue
-            chosen = list(latest.values())
-        yield Alert(rule, tuple(chosen), trigger.id in historical)
+def _value(event: dict, path: str):
+    found = _values(event, path)
+    return found[0] if found and isinstance(found[0], str | int | float | bool) else None
 
 
 def _stored(conn: sa.Connection, lo: datetime, hi: datetime, types, last_seq: int) -> Iterator[batchlog.StoredEvent]:
@@ -573,21 +592,25 @@ def _stored(conn: sa.Connection, lo: datetime, hi: datetime, types, last_seq: in
         ev.c.effective_at.between(lo, hi), ev.c.batch_seq <= last_seq
     )
     if types is not None:
-        query = query.where(ev.c.type.in_(types))
+        exact = sorted(t for t in types if not t.endswith("*"))
+        prefixes = [ev.c.type.startswith(t[:-1], autoescape=True) for t in sorted(types) if t.endswith("*")]
+        query = query.where(sa.or_(ev.c.type.in_(exact), *prefixes))
     for event_id, at, raw in conn.execute(query):
         yield batchlog.StoredEvent(event_id, at, raw if isinstance(raw, dict) else orjson.loads(raw))
 
 
 def save(conn: sa.Connection, alerts: list[Alert], seq: int) -> list[dict]:
-    """Inserts the alerts not stored yet; returns the rows inserted."""
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-    rows = {(a.rule.rule_id, a.events_hash): a.row(seq) for a in alerts}
+    """Inserts the alerts not stored yet (one statement per rule); returns the rows inserted."""
+    per_rule: dict[str, dict[str, dict]] = {}
+    for alert in alerts:
+        per_rule.setdefault(alert.rule.rule_id, {})[alert.events_hash] = alert.row(seq)
     inserted = []
-    for row in rows.values():
-        stmt = pg_insert(model.alerts).values(**row).on_conflict_do_nothing(index_elements=["rule_id", "events_hash"])
-        if conn.execute(stmt.returning(model.alerts.c.rule_id)).first() is not None:
-            inserted.append(row)
+    for rows in per_rule.values():
+        stored = [
+            {**r, "tags": model.dumps(r["tags"]), "event_ids": model.dumps(r["event_ids"])} for r in rows.values()
+        ]
+        new = set(store.insert_rows(conn, model.alerts, stored, returning="events_hash"))
+        inserted += [row for key, row in rows.items() if key in new]
     return inserted
 
 
