@@ -1207,16 +1207,25 @@ class SimulatorServer:
         self.stop()
 
 
-def serve(*, port: int, events: int, seed: int, fault_rate: float, key: str, latency: float = 0.0) -> None:
-    """Blocking, for `audit-ingest simulate`: prints the base URL on one line, serves until SIGINT/SIGTERM."""
+def serve(
+    *, port: int, events: int, seed: int, fault_rate: float, key: str, latency: float = 0.0,
+    scenarios: tuple[str, ...] = (),
+) -> None:  # fmt: skip
+    """Blocking, for `audit-ingest simulate`: prints the base URL on one line, serves until SIGINT/SIGTERM.
+    `scenarios`: attacks (ingest.scenarios) planted among the events."""
+    from ingest.scenarios import plant
+
     sim = Simulator(events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency)
+    for name in scenarios:
+        plant(sim, name)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with SimulatorServer(sim, port) as server:
         print(server.url, flush=True)
         print(
-            f"audit-log simulator: {events} events, seed {seed}, fault rate {fault_rate}, key {key!r}",
+            f"audit-log simulator: {events} events, seed {seed}, fault rate {fault_rate}, key {key!r}"
+            + (f", scenarios {', '.join(scenarios)}" if scenarios else ""),
             file=sys.stderr,
             flush=True,
         )

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
-from support import settings_for, sync
+from support import cli, settings_for, sync
 
 from ingest import detect, model, scenarios
 from ingest.store import Warehouse
@@ -131,3 +131,43 @@ def test_a_bad_rule_in_rules_dir_is_one_error_naming_its_file_and_field(tmp_path
         detect.load(tmp_path)
     assert str(tmp_path / "mine.yml") in str(error.value) and message in str(error.value)
     assert "\n" not in str(error.value) and error.value.exit_code == 2
+
+
+def test_a_rule_naming_an_unknown_field_stops_every_start_with_one_line_and_exit_2(tmp_path):
+    (tmp_path / "mine.yml").write_text(
+        "title: t\nname: mine\nlevel: high\nlogsource: {product: openai, service: audit_logs}\n"
+        "detection: {sel: {actor.session.shoe_size: 44}, condition: sel}\n"
+    )
+    env = {"AUDIT_INGEST_RULES_DIR": str(tmp_path), "OPENAI_ADMIN_KEY": "sk-admin-test",
+           "AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path / 'w.duckdb'}", "OPENAI_BASE_URL": "http://127.0.0.1:9"}  # fmt: skip
+    for args in (("rules", "check"), ("run",), ("backfill", "--since", "2026-01-01")):
+        result = cli(*args, env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.strip().splitlines() == [
+            f"error: {tmp_path / 'mine.yml'}: rule 'mine': field 'actor.session.shoe_size' is in no event of the spec"
+        ]
+    assert not (tmp_path / "w.duckdb").exists()  # stopped before touching the warehouse
+
+
+def test_alerts_json_lists_rule_level_event_ids_and_iso_times_and_rules_list_counts_them(
+    simulator, duckdb_url, key_env
+):
+    server = simulator(events=0, seed=3)
+    planted = scenarios.plant(server.sim, "credential-stuffing")
+    sync(server, duckdb_url)
+    env = {"AUDIT_INGEST_DATABASE_URL": duckdb_url}
+    result = cli("alerts", "--format", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    found = {a["rule_id"]: a for a in json.loads(result.stdout)}
+    assert set(found) == {"openai_failed_login_burst", "openai_password_spray"}
+    burst = found["openai_failed_login_burst"]
+    assert sorted(burst["event_ids"]) == sorted(e["id"] for e, fires in planted if "openai_failed_login_burst" in fires)
+    first = min(e["effective_at"] for e, fires in planted if "openai_failed_login_burst" in fires)
+    assert burst["first_event_at"] == datetime.fromtimestamp(first, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert burst["level"] == "high" and burst["title"] and burst["last_event_at"] > burst["first_event_at"]
+    between = datetime.fromtimestamp(first + 300, UTC).isoformat()  # after the burst, before the spraying
+    later = cli("alerts", "--format", "json", "--since", between, env=env)
+    assert {a["rule_id"] for a in json.loads(later.stdout)} == {"openai_password_spray"}
+    listed = cli("rules", "list", env=env)
+    counts = {line.split("\t")[0]: line.split("\t")[4] for line in listed.stdout.splitlines()[1:]}
+    assert counts["openai_failed_login_burst"] == "1" and counts["openai_owner_role_granted"] == "0"
