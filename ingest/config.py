@@ -116,8 +116,21 @@ class Settings(BaseModel):
     allowed_email_domains: tuple[str, ...] = ()
     # Each new alert is POSTed to each of these (and to $AUDIT_INGEST_ALERT_WEBHOOK).
     alert_webhooks: tuple[str, ...] = ()
+    # A failed POST is retried after this, doubling per attempt (at most an hour).
+    alert_retry_delay: float = Field(default=30.0, ge=0)
 
-    @field_validator("lookback", "retention", "timeout", "retry_base_delay", "retry_max_delay", mode="before")
+    @field_validator("alert_webhooks")
+    @classmethod
+    def _webhooks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("each must be an http(s) URL")
+        return value
+
+    @field_validator(
+        "lookback", "retention", "timeout", "retry_base_delay", "retry_max_delay", "alert_retry_delay", mode="before"
+    )
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)
