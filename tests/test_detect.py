@@ -4,12 +4,15 @@ its correlation rules stay quiet over normal traffic; backfilled alerts are hist
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
-from support import cli, settings_for, sync
+from support import KEY, cli, settings_for, sync
 
 from ingest import detect, model, scenarios
 from ingest.store import Warehouse
@@ -171,3 +174,32 @@ def test_alerts_json_lists_rule_level_event_ids_and_iso_times_and_rules_list_cou
     listed = cli("rules", "list", env=env)
     counts = {line.split("\t")[0]: line.split("\t")[4] for line in listed.stdout.splitlines()[1:]}
     assert counts["openai_failed_login_burst"] == "1" and counts["openai_owner_role_granted"] == "0"
+
+
+def test_simulate_with_a_scenario_serves_its_attack_and_the_run_alerts_on_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_INGEST_", "OPENAI_"))}
+    env["OPENAI_ADMIN_KEY"] = KEY
+    served = subprocess.Popen(
+        [sys.executable, "-m", "ingest", "simulate", "--port", "0", "--events", "300", "--scenario", "account-takeover"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        url = served.stdout.readline().strip()
+        config = tmp_path / "audit-ingest.toml"
+        config.write_text('allowed_email_domains = ["example.com"]\n')
+        db = f"duckdb:///{tmp_path / 'w.duckdb'}"
+        result = cli("--config", str(config), "run", env={"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": url,
+                                                          "AUDIT_INGEST_DATABASE_URL": db})  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    finally:
+        served.terminate()
+        served.wait()
+    planted = {r for name in ["account-takeover"] for _, fires in scenarios.events(name) for r in fires}
+    assert planted <= {a["rule_id"] for a in alerts(db)}
+
+
+def test_the_demo_shows_the_alerts_of_its_planted_attack(tmp_path):
+    result = cli("demo", "--events", "500", "--database", f"duckdb:///{tmp_path / 'demo.duckdb'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout.split("rule\tlevel\talerts\n", 1)[1]  # in a pipe: the table as TSV
+    assert "openai_failed_login_burst\thigh\t1" in shown and "openai_password_spray\thigh\t1" in shown
