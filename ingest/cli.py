@@ -479,7 +479,11 @@ def _setup_logging(settings, debug: bool, log_format: str) -> None:
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.addFilter(
-        _Redact([os.environ.get(s.key_env, "") for s in settings.sources] + [os.environ.get("OPENAI_ADMIN_KEY", "")])
+        _Redact(
+            [os.environ.get(s.key_env, "") for s in settings.sources]
+            + [os.environ.get("OPENAI_ADMIN_KEY", "")]
+            + settings.webhooks()
+        )  # a webhook's URL holds its secret (Slack's do)
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

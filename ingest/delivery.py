@@ -70,23 +70,36 @@ def deliver_pending(warehouse: store.Warehouse, *, retry_delay: float = 30.0, tr
         for row in pending:
             if row["url"] in failed:
                 continue
-            error = _post(client, row["url"], payload(row))
-            attempts = row["attempts"] + 1
-            now = store.now()
-            values = {"attempts": attempts, "last_error": error}
-            if error is None:
-                values["delivered_at"] = now
-                delivered += 1
-            else:
-                failed.add(row["url"])
-                values["next_attempt_at"] = now + timedelta(seconds=min(MAX_DELAY, retry_delay * 2 ** (attempts - 1)))
-                log.warning("alert webhook %s: %s (attempt %d; retried later)", _host(row["url"]), error, attempts)
-            key = sa.and_(
-                dl.c.rule_id == row["rule_id"], dl.c.events_hash == row["events_hash"], dl.c.url == row["url"]
-            )
+            key = sa.and_(dl.c.rule_id == row["rule_id"], dl.c.events_hash == row["events_hash"])
+            key = sa.and_(key, dl.c.url == row["url"])
             with conn.begin():
+                if not _claim(conn, key):
+                    continue
+                error = _post(client, row["url"], payload(row))
+                attempts = row["attempts"] + 1
+                now = store.now()
+                values = {"attempts": attempts, "last_error": error}
+                if error is None:
+                    values["delivered_at"] = now
+                    delivered += 1
+                else:
+                    failed.add(row["url"])
+                    delay = min(MAX_DELAY, retry_delay * 2 ** (attempts - 1))
+                    values["next_attempt_at"] = now + timedelta(seconds=delay)
+                    log.warning("alert webhook %s: %s (attempt %d; retried later)", _host(row["url"]), error, attempts)
                 conn.execute(dl.update().where(key).values(**values))
     return delivered
+
+
+def _claim(conn: sa.Connection, key) -> bool:
+    """Whether the delivery is still due; on PostgreSQL it stays locked until the transaction ends, so
+    that another ingester of the same warehouse skips it rather than POSTing it too (a killed process's
+    lock ends with its connection)."""
+    dl = model.alert_deliveries
+    query = sa.select(dl.c.url).where(key, dl.c.delivered_at.is_(None), dl.c.next_attempt_at <= store.now())
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return conn.execute(query).first() is not None
 
 
 def _post(client: httpx.Client, url: str, body: dict) -> str | None:
