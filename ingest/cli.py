@@ -330,6 +330,33 @@ def rules_list(ctx: click.Context, wait: float) -> None:
     _print_table(rows, title=f"{len(rows)} rules")
 
 
+@rules.command("sql")
+@click.argument("rule_ids", nargs=-1)
+@click.option("--dialect", type=click.Choice(["duckdb", "postgresql"]),
+              help="Default: the configured warehouse's.")  # fmt: skip
+@click.pass_context
+def rules_sql(ctx: click.Context, rule_ids, dialect: str | None) -> None:
+    """Each detection rule (or those named) as SQL over audit_events, to run where the data lives."""
+    import sqlalchemy as sa
+
+    from ingest import detect, sigma_sql
+
+    settings = _settings(ctx)
+    loaded = detect.load(settings.rules_dir, detect.placeholders_of(settings))
+    by_id = loaded.by_id()
+    unknown = [r for r in rule_ids if r not in by_id]
+    if unknown:
+        raise ConfigError(f"no rule {unknown[0]!r}; see `audit-ingest rules list`")
+    dialect = dialect or sa.make_url(settings.database_url).get_backend_name()
+    for rule in [by_id[r] for r in rule_ids] if rule_ids else loaded.rules:
+        if rule.correlation or rule.disabled:
+            continue
+        try:
+            click.echo(f"-- {rule.rule_id}: {rule.title}\n{sigma_sql.to_sql(rule, dialect)};")
+        except IngestError as exc:
+            click.echo(f"-- {rule.rule_id}: no SQL form ({str(exc).rsplit(': ', 1)[-1]})")
+
+
 @cli.command("alerts")
 @click.option("--since", callback=_time, help="Only alerts whose last event is at or after this (ISO-8601).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)

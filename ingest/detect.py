@@ -261,13 +261,15 @@ def _plain_or_prefix(value) -> bool:
 
 
 @cache
-def _known_fields() -> tuple[frozenset[str], tuple[str, ...]]:
-    """(paths of the spec's event schema, prefixes under which any path may occur: free-form objects)."""
+def _known_fields() -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
+    """(paths of the spec's event schema, prefixes under which any path may occur: free-form objects,
+    the paths of lists)."""
     from ingest.simulator import load_spec
 
     schemas = load_spec()["components"]["schemas"]
     exact: set[str] = set()
     free: list[str] = []
+    lists: set[str] = set()
 
     def walk(prefix: str, schema: dict, depth: int = 0) -> None:
         if "$ref" in schema:
@@ -276,6 +278,7 @@ def _known_fields() -> tuple[frozenset[str], tuple[str, ...]]:
             walk(prefix, option, depth)
         exact.add(prefix)
         if schema.get("type") == "array":
+            lists.add(prefix)
             walk(prefix, schema.get("items", {}), depth)
         props = schema.get("properties")
         if props:
@@ -293,12 +296,17 @@ def _known_fields() -> tuple[frozenset[str], tuple[str, ...]]:
         if event_type not in schemas["AuditLog"]["properties"]:
             exact.add(event_type)
             free.append(event_type + ".")  # a type without a schema: whatever its payload holds
-    return frozenset(exact), tuple(free)
+    return frozenset(exact), tuple(free), frozenset(lists)
 
 
 def known_field(name: str) -> bool:
-    exact, free = _known_fields()
+    exact, free, _ = _known_fields()
     return name in exact or name.startswith(free)
+
+
+def list_fields() -> frozenset[str]:
+    """The paths the spec declares lists (of strings or objects)."""
+    return _known_fields()[2]
 
 
 # ---------------------------------------------------------------------------------------------- matching

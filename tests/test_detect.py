@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
-from support import KEY, cli, settings_for, sync
+from support import KEY, cli, settings_for, stored_events, sync
 
 from ingest import detect, model, scenarios
 from ingest.store import Warehouse
@@ -203,3 +203,32 @@ def test_the_demo_shows_the_alerts_of_its_planted_attack(tmp_path):
     assert result.returncode == 0, result.stderr
     shown = result.stdout.split("rule\tlevel\talerts\n", 1)[1]  # in a pipe: the table as TSV
     assert "openai_failed_login_burst\thigh\t1" in shown and "openai_password_spray\thigh\t1" in shown
+
+
+def test_each_detection_rule_as_sql_selects_the_events_the_engine_matches(simulator, db_url, key_env):
+    from ingest import sigma_sql
+    from ingest.export import run_query
+
+    server = simulator(events=3000, seed=5)
+    plant_all(server.sim)
+    sync(server, db_url, detections=False)
+    events = stored_events(db_url)
+    rules = detect.load(None, {"allowed_email_domains": DOMAINS})
+    dialect = "duckdb" if db_url.startswith("duckdb") else "postgresql"
+    warehouse = Warehouse(db_url)
+    compared = 0
+    try:
+        with warehouse.connect() as conn:
+            for rule in rules.rules:
+                if rule.correlation or rule.rule_id == "openai_api_key_org_write_scope":  # a list field: no SQL
+                    continue
+                matcher = detect.Matcher(rule)
+                expected = {i for i, raw in events.items() if matcher(raw)}
+                _, rows = run_query(conn, sigma_sql.to_sql(rule, dialect), None)  # as `audit-ingest query` runs it
+                assert {r[0] for r in rows} == expected, rule.rule_id
+                compared += bool(expected)
+    finally:
+        warehouse.dispose()
+    assert compared >= 15
+    with pytest.raises(detect.RulesError, match="is a list"):
+        sigma_sql.to_sql(rules.by_id()["openai_api_key_org_write_scope"], dialect)
