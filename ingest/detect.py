@@ -32,7 +32,7 @@ import sqlalchemy as sa
 import yaml
 
 from ingest import batchlog, model, store
-from ingest.errors import RulesError
+from ingest.errors import DatabaseError, RulesError
 
 __all__ = ["RulesError"]
 from ingest.state import Key
@@ -633,12 +633,15 @@ class Detector:
         self.webhooks = webhooks
 
     def process(self, conn: sa.Connection, batches: list[batchlog.CommittedBatch]) -> None:
-        alerts = evaluate(conn, self.rules, batches)
-        inserted = save(conn, alerts, batches[-1].seq)
-        if inserted and self.webhooks:
-            from ingest import delivery
+        try:
+            alerts = evaluate(conn, self.rules, batches)
+            inserted = save(conn, alerts, batches[-1].seq)
+            if inserted and self.webhooks:
+                from ingest import delivery
 
-            delivery.enqueue(conn, inserted, self.webhooks)
+                delivery.enqueue(conn, inserted, self.webhooks)
+        except sa.exc.SQLAlchemyError as exc:  # as an IngestError, consumers.run logs it and retries next run
+            raise DatabaseError(f"rules: {_first_line(getattr(exc, 'orig', None) or exc)}") from None
         for row in inserted:
             log.info("alert %s (%s): %d events", row["rule_id"], row["level"], len(row["event_ids"]))
 
