@@ -33,8 +33,6 @@ import yaml
 
 from ingest import batchlog, model, store
 from ingest.errors import DatabaseError, RulesError
-
-__all__ = ["RulesError"]
 from ingest.state import Key
 
 log = logging.getLogger("ingest.detect")
@@ -461,10 +459,6 @@ def _type_in(event_type, types: frozenset[str]) -> bool:
     return isinstance(event_type, str) and (
         event_type in types or any(t.endswith("*") and event_type.startswith(t[:-1]) for t in types)
     )
-
-
-def matches(rule: Rule, event: dict) -> bool:
-    return Matcher(rule)(event)
 
 
 # ---------------------------------------------------------------------------------------------- alerts

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from support import KEY, cli, settings_for, stored_events, sync
 
 from ingest import detect, model, scenarios
+from ingest.errors import RulesError
 from ingest.store import Warehouse
 from ingest.sync import backfill, feed_consumers
 
@@ -130,7 +131,7 @@ def test_correlation_rules_raise_no_alert_over_50000_normal_simulator_events(sim
 )  # fmt: skip
 def test_a_bad_rule_in_rules_dir_is_one_error_naming_its_file_and_field(tmp_path, text, message):
     (tmp_path / "mine.yml").write_text(text)
-    with pytest.raises(detect.RulesError) as error:
+    with pytest.raises(RulesError) as error:
         detect.load(tmp_path)
     assert str(tmp_path / "mine.yml") in str(error.value) and message in str(error.value)
     assert "\n" not in str(error.value) and error.value.exit_code == 2
@@ -230,5 +231,5 @@ def test_each_detection_rule_as_sql_selects_the_events_the_engine_matches(simula
     finally:
         warehouse.dispose()
     assert compared >= 15
-    with pytest.raises(detect.RulesError, match="is a list"):
+    with pytest.raises(RulesError, match="is a list"):
         sigma_sql.to_sql(rules.by_id()["openai_api_key_org_write_scope"], dialect)
