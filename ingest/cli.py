@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from ingest.errors import ConfigError, IngestError
+from ingest.scenarios import names as scenario_names
 
 log = logging.getLogger("ingest")
 
@@ -84,6 +85,7 @@ def run(ctx: click.Context, source_name: str | None, workers: int | None) -> Non
     sources = settings.source(source_name)
     for source in sources:
         source.admin_key()  # fail on a missing key before touching the database
+    _check_rules(settings)
     with _progress() as on_progress:
         summaries = run_sources(settings, _warehouse(settings), sources, on_progress=on_progress)
     for summary in summaries:
@@ -135,6 +137,7 @@ def daemon(ctx: click.Context, interval, cron, source_name, metrics_port, metric
     from ingest.schedule import run_daemon
 
     settings = _settings(ctx)
+    _check_rules(settings)
     run_daemon(settings, settings.source(source_name), interval=interval, cron=cron, progress=_progress,
                metrics_port=metrics_port, metrics_addr=metrics_addr)  # fmt: skip
 
@@ -157,6 +160,7 @@ def backfill(ctx: click.Context, since, until, workers: int, source_name: str | 
     sources = settings.source(source_name)
     for source in sources:
         source.admin_key()
+    _check_rules(settings)
     with _progress() as on_progress:
         summaries = run_backfill(settings, _warehouse(settings), sources, since, until, workers=workers,
                                  on_progress=on_progress)  # fmt: skip
@@ -241,7 +245,10 @@ def demo(ctx: click.Context, events: int, database: str) -> None:
 
     key = "sk-admin-demo-not-a-real-key"
     os.environ["AUDIT_INGEST_DEMO_KEY"] = key
+    from ingest.scenarios import plant
+
     with SimulatorServer(Simulator(events=events, seed=7, key=key)) as server:
+        plant(server.sim, DEMO_SCENARIO)  # so that an alert fires
         settings = _settings(ctx, base_url=server.url, database_url=database, db_schema=None,
                              sources=(Source(name="demo", key_env="AUDIT_INGEST_DEMO_KEY"),))  # fmt: skip
         warehouse = _warehouse(settings)
@@ -255,6 +262,19 @@ def demo(ctx: click.Context, events: int, database: str) -> None:
     for title, rows in demo_summary(warehouse):
         click.echo()
         _print_table(rows, title=title)
+    if settings.detections:
+        from ingest import alerts
+
+        with warehouse.connect() as conn:
+            found = alerts.read(conn)
+        per_rule: dict[tuple[str, str], int] = {}
+        for alert in found:
+            per_rule[alert["level"], alert["rule_id"]] = per_rule.get((alert["level"], alert["rule_id"]), 0) + 1
+        rows = [{"rule": rule, "level": level, "alerts": n} for (level, rule), n in sorted(per_rule.items())]
+        click.echo()
+        _print_table(
+            rows, title=f"alerts by rule (the {DEMO_SCENARIO} scenario was planted; see `audit-ingest alerts`)"
+        )
     click.echo(f"\nExplore it: duckdb {database.removeprefix('duckdb:///')}   or   "
                f"AUDIT_INGEST_DATABASE_URL={database} audit-ingest status   (or report: an HTML page)")  # fmt: skip
 
@@ -267,9 +287,12 @@ def demo(ctx: click.Context, events: int, database: str) -> None:
 @click.option("--latency", default=0.0, show_default=True, help="Seconds added to every response.")
 @click.option("--no-tenant", is_flag=True, help="Play an organization without a tenant: tenant_only=true gets 400.")
 @click.option("--rate-limit", type=click.FloatRange(min=0, min_open=True), help="Requests a second; beyond, 429.")
+@click.option("--scenario", "scenario_names", multiple=True, type=click.Choice(scenario_names()),
+              help="Plant this attack (ingest/scenarios.py) among the normal events; repeatable.")  # fmt: skip
 def simulate(
-    port: int, events: int, seed: int, fault_rate: float, latency: float, no_tenant: bool, rate_limit: float | None
-) -> None:
+    port: int, events: int, seed: int, fault_rate: float, latency: float, no_tenant: bool, rate_limit: float | None,
+    scenario_names,
+) -> None:  # fmt: skip
     """Serve the built-in audit-log API simulator on 127.0.0.1 (key: $OPENAI_ADMIN_KEY)."""
     from ingest.simulator import serve
 
@@ -277,7 +300,112 @@ def simulate(
     if not key:
         raise ConfigError("OPENAI_ADMIN_KEY is not set: export the key the simulator should accept")
     serve(port=port, events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=not no_tenant,
-          rate_limit=rate_limit)  # fmt: skip
+          rate_limit=rate_limit, scenarios=scenario_names)  # fmt: skip
+
+
+DEMO_SCENARIO = "credential-stuffing"
+
+
+def _check_rules(settings):
+    """Every start validates the rules: a bad one is one line naming its file and field, exit 2."""
+    if not settings.detections:
+        return None
+    from ingest import detect
+
+    return detect.load(settings.rules_dir, detect.placeholders_of(settings))
+
+
+@cli.group()
+def rules() -> None:
+    """The detection rules: the Sigma pack and the files of `rules_dir`."""
+
+
+@rules.command("check")
+@click.pass_context
+def rules_check(ctx: click.Context) -> None:
+    """Parse and validate every rule (exit 2 naming the file and field of the first bad one)."""
+    from ingest import detect
+
+    settings = _settings(ctx)
+    loaded = detect.load(settings.rules_dir, detect.placeholders_of(settings))
+    active = loaded.active()
+    files = len({r.path for r in loaded.rules})
+    click.echo(f"{len(loaded.rules)} rules in {files} files are valid: {len(active)} alerting "
+               f"({sum(r.correlation for r in active)} correlations)")  # fmt: skip
+
+
+@rules.command("list")
+@click.option("--wait", default="10s", show_default=True, callback=_duration,
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def rules_list(ctx: click.Context, wait: float) -> None:
+    """Each rule, its level, whether it alerts, and its alerts so far."""
+    from ingest import alerts, detect
+    from ingest.errors import DatabaseError
+
+    settings = _settings(ctx)
+    loaded = detect.load(settings.rules_dir, detect.placeholders_of(settings))
+    try:
+        from ingest.export import reader
+
+        with reader(settings, wait) as conn:
+            counts = alerts.counts(conn)
+    except DatabaseError:  # no warehouse yet: no alerts yet
+        counts = {}
+    rows = [
+        {"rule": r.rule_id, "level": r.level, "kind": r.sigma.type.name.lower() if r.correlation else "detection",
+         "status": f"off: {r.disabled}" if r.disabled else "alerts" if r.alerts else "building block",
+         "alerts": f"{counts.get(r.rule_id, 0):,}", "title": r.title, "file": r.path.name}
+        for r in loaded.rules
+    ]  # fmt: skip
+    _print_table(rows, title=f"{len(rows)} rules")
+
+
+@rules.command("sql")
+@click.argument("rule_ids", nargs=-1)
+@click.option("--dialect", type=click.Choice(["duckdb", "postgresql"]),
+              help="Default: the configured warehouse's.")  # fmt: skip
+@click.pass_context
+def rules_sql(ctx: click.Context, rule_ids, dialect: str | None) -> None:
+    """Each detection rule (or those named) as SQL over audit_events, to run where the data lives."""
+    import sqlalchemy as sa
+
+    from ingest import detect, sigma_sql
+
+    settings = _settings(ctx)
+    loaded = detect.load(settings.rules_dir, detect.placeholders_of(settings))
+    by_id = loaded.by_id()
+    unknown = [r for r in rule_ids if r not in by_id]
+    if unknown:
+        raise ConfigError(f"no rule {unknown[0]!r}; see `audit-ingest rules list`")
+    dialect = dialect or sa.make_url(settings.database_url).get_backend_name()
+    for rule in [by_id[r] for r in rule_ids] if rule_ids else loaded.rules:
+        if rule.correlation or rule.disabled:
+            continue
+        try:
+            click.echo(f"-- {rule.rule_id}: {rule.title}\n{sigma_sql.to_sql(rule, dialect)};")
+        except IngestError as exc:
+            click.echo(f"-- {rule.rule_id}: no SQL form ({str(exc).rsplit(': ', 1)[-1]})")
+
+
+@cli.command("alerts")
+@click.option("--since", callback=_time, help="Only alerts whose last event is at or after this (ISO-8601).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--wait", default="10s", show_default=True, callback=_duration,
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def alerts_command(ctx: click.Context, since, fmt: str, wait: float) -> None:
+    """The alerts the detection rules raised, oldest first."""
+    from ingest import alerts
+    from ingest.export import reader
+
+    settings = _settings(ctx)
+    with reader(settings, wait) as conn:
+        rows = alerts.read(conn, since)
+    if fmt == "table":
+        _print_table(alerts.table_rows(rows), title=f"{len(rows):,} alerts")
+    else:
+        alerts.write(rows, fmt, sys.stdout)
 
 
 @cli.group()
@@ -440,7 +568,11 @@ def _setup_logging(settings, debug: bool, log_format: str) -> None:
     if sys.stderr.isatty() and log_format == "text":
         handler.addFilter(lambda record: not getattr(record, "raised", False))  # printed once, as `error: ...`
     handler.addFilter(
-        _Redact([os.environ.get(s.key_env, "") for s in settings.sources] + [os.environ.get("OPENAI_ADMIN_KEY", "")])
+        _Redact(
+            [os.environ.get(s.key_env, "") for s in settings.sources]
+            + [os.environ.get("OPENAI_ADMIN_KEY", "")]
+            + settings.webhooks()
+        )  # a webhook's URL holds its secret (Slack's do)
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

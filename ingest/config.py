@@ -29,6 +29,7 @@ ENVIRONMENT = {
     "AUDIT_INGEST_DATABASE_URL": "database_url",
     "AUDIT_INGEST_DB_SCHEMA": "db_schema",
     "AUDIT_INGEST_LOG_LEVEL": "log_level",
+    "AUDIT_INGEST_RULES_DIR": "rules_dir",
 }
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -110,8 +111,28 @@ class Settings(BaseModel):
     # PostgreSQL: one ingester at a time per source (an advisory lock); the others skip it, or wait.
     source_lock: bool = True
     lock_wait: bool = False
+    # Detections (ingest.detect): the Sigma rule pack runs after every sync, with the rules of rules_dir.
+    detections: bool = True
+    rules_dir: Path | None = None
+    # Invites to other domains raise openai_invite_outside_domains (off while empty).
+    allowed_email_domains: tuple[str, ...] = ()
+    # Each new alert is POSTed to each of these (and to $AUDIT_INGEST_ALERT_WEBHOOK).
+    alert_webhooks: tuple[str, ...] = ()
+    # A failed POST is retried after this, doubling per attempt (at most an hour).
+    alert_retry_delay: float = Field(default=30.0, ge=0)
 
-    @field_validator("lookback", "retention", "timeout", "retry_base_delay", "retry_max_delay", mode="before")
+    @field_validator("alert_webhooks")
+    @classmethod
+    def _webhooks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("each must be an http(s) URL")
+        return value
+
+    @field_validator(
+        "lookback", "retention", "timeout", "retry_base_delay", "retry_max_delay", "alert_retry_delay", mode="before"
+    )
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)
@@ -150,6 +171,11 @@ class Settings(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("source names must be unique")
         return self
+
+    def webhooks(self) -> list[str]:
+        """The alert receivers: `alert_webhooks`, then $AUDIT_INGEST_ALERT_WEBHOOK."""
+        extra = os.environ.get("AUDIT_INGEST_ALERT_WEBHOOK", "").strip()
+        return [*self.alert_webhooks, *([extra] if extra and extra not in self.alert_webhooks else [])]
 
     def source(self, name: str | None) -> tuple[Source, ...]:
         """The sources a command works on: all of them, or the one named."""

@@ -18,7 +18,7 @@ from typing import Protocol
 import sqlalchemy as sa
 
 from ingest import batchlog, store
-from ingest.errors import IngestError
+from ingest.errors import DatabaseError, IngestError
 from ingest.state import ConsumerState
 
 log = logging.getLogger("ingest.consumers")
@@ -59,14 +59,20 @@ def run(
                         state.seq = batches[-1].seq
                         state.save(conn)
                     done[consumer.name] += len(batches)
-            except IngestError as exc:
-                log.error("%s: %s", consumer.name, exc)
+            except (IngestError, sa.exc.DBAPIError) as exc:
+                # A statement that failed (the warehouse out of memory, say) is this consumer's failure too.
+                error = exc if isinstance(exc, IngestError) else DatabaseError(f"{consumer.name}: {exc.orig or exc}")
+                log.error("%s: %s", consumer.name, error)
                 if on_error:
-                    on_error(consumer, exc)
+                    on_error(consumer, error)
     return done
 
 
 def configured(settings) -> list[Consumer]:
     """The consumers the settings ask for, in the order they run after each sync."""
     found: list[Consumer] = []
+    if settings.detections:
+        from ingest import detect
+
+        found += detect.consumers_for(settings)
     return found

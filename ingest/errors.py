@@ -127,3 +127,7 @@ class DatabaseInUseError(DatabaseError):
     """Another process holds the DuckDB file (or the source's lock on PostgreSQL)."""
 
     exit_code = 9
+
+
+class RulesError(ConfigError):
+    """A detection rule that does not parse, names a field no event has, or cannot be evaluated."""

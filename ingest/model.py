@@ -516,6 +516,40 @@ ingest_batch_counter = sa.Table(
     },
 )  # fmt: skip
 
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("rule_id", sa.Text, nullable=False, info={"doc": "the Sigma rule's name (or id); primary key with `events_hash`"}),
+    sa.Column("events_hash", sa.Text, nullable=False, info={"doc": "sha256 of the sorted event ids"}),
+    sa.Column("title", sa.Text, nullable=False, info={"doc": "the rule's title"}),
+    sa.Column("level", sa.Text, nullable=False, info={"doc": "the rule's level: `low`, `medium`, `high`, `critical`"}),
+    sa.Column("tags", JSON, nullable=False, info={"doc": "the rule's tags, a list (`attack.t1110`, ...)"}),
+    sa.Column("event_ids", JSON, nullable=False, info={"doc": "the events that raised it, a sorted list of `audit_events.id`"}),
+    _ts("first_event_at", nullable=False, info={"doc": "its oldest event's time"}),
+    _ts("last_event_at", nullable=False, info={"doc": "its newest event's time"}),
+    _ts("created_at", nullable=False, info={"doc": "when it was raised"}),
+    sa.Column("historical", sa.Boolean, nullable=False, info={"doc": "raised by events a backfill stored"}),
+    sa.Column("batch_seq", sa.BigInteger, nullable=False, info={"doc": "the committed batch whose processing raised it (`ingest_batches.seq`)"}),
+    sa.PrimaryKeyConstraint("rule_id", "events_hash"),
+    info={"doc": "One row per alert the detection rules raised (`ingest.detect`). A rule never alerts twice on "
+          "the same events, whatever reruns, crashes or backfills happen: the key is the rule and a hash of its "
+          "sorted event ids."},
+)  # fmt: skip
+alert_deliveries = sa.Table(
+    "alert_deliveries",
+    metadata,
+    sa.Column("rule_id", sa.Text, nullable=False, info={"doc": "the alert's rule (`alerts.rule_id`)"}),
+    sa.Column("events_hash", sa.Text, nullable=False, info={"doc": "the alert's `alerts.events_hash`"}),
+    sa.Column("url", sa.Text, nullable=False, info={"doc": "the webhook it goes to"}),
+    sa.Column("attempts", sa.Integer, nullable=False, info={"doc": "POSTs tried so far"}),
+    _ts("next_attempt_at", nullable=False, info={"doc": "when the next attempt is due"}),
+    _ts("delivered_at", info={"doc": "when the receiver acknowledged it; NULL until then"}),
+    sa.Column("last_error", sa.Text, info={"doc": "the last attempt's failure"}),
+    sa.PrimaryKeyConstraint("rule_id", "events_hash", "url"),
+    info={"doc": "One row per alert and webhook URL, written with the alert: an alert committed is delivered at "
+          "least once, whenever the receiver is back."},
+)  # fmt: skip
+
 
 def _family_tables(family: Family) -> list[sa.Table]:
     def event_id() -> sa.Column:

@@ -360,6 +360,9 @@ class _Generator:
         self.ips += [f"2001:db8:{prng.randrange(65536):x}::{prng.randrange(65536):x}" for _ in range(7)]
         self.attacker_ips = self.ips[-3:] + self.ips[:1]
         self.ip_details = {ip: _LOCATIONS[prng.randrange(len(_LOCATIONS))] for ip in self.ips}
+        # Users sign in from home: one country each (no RNG draw, so seeds keep their events), so that a
+        # sign-in from a second country is an anomaly the scenarios plant (ingest.scenarios).
+        self.home = {uid: self.ip_details[self.ips[i % len(self.ips)]] for i, uid in enumerate(users)}
         self.fingerprint = {
             uid: (
                 _USER_AGENTS[prng.randrange(len(_USER_AGENTS))],
@@ -528,7 +531,7 @@ class _Generator:
             session["ja3"] = ja3
             session["ja4"] = ja4
         if rng.random() < 0.85:
-            country, city, region, code, asn, lat, lon = self.ip_details[ip]
+            country, city, region, code, asn, lat, lon = self.home[uid]
             session["ip_address_details"] = {
                 "country": country,
                 "city": city,
@@ -1253,18 +1256,25 @@ def serve(
     latency: float = 0.0,
     tenant: bool = True,
     rate_limit: float | None = None,
+    scenarios: tuple[str, ...] = (),
 ) -> None:
-    """Blocking, for `audit-ingest simulate`: prints the base URL on one line, serves until SIGINT/SIGTERM."""
+    """Blocking, for `audit-ingest simulate`: prints the base URL on one line, serves until SIGINT/SIGTERM.
+    `scenarios`: attacks (ingest.scenarios) planted among the events."""
+    from ingest.scenarios import plant
+
     sim = Simulator(
         events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=tenant, rate_limit=rate_limit
     )
+    for name in scenarios:
+        plant(sim, name)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with SimulatorServer(sim, port) as server:
         print(server.url, flush=True)
         print(
-            f"audit-log simulator: {events} events, seed {seed}, fault rate {fault_rate}, key {key!r}",
+            f"audit-log simulator: {events} events, seed {seed}, fault rate {fault_rate}, key {key!r}"
+            + (f", scenarios {', '.join(scenarios)}" if scenarios else ""),
             file=sys.stderr,
             flush=True,
         )

@@ -131,6 +131,13 @@ def feed_consumers(settings: Settings, warehouse: store.Warehouse) -> None:
     from ingest import consumers
 
     consumers.run(warehouse, consumers.configured(settings))
+    if settings.detections and settings.webhooks():
+        from ingest import delivery
+
+        try:
+            delivery.deliver_pending(warehouse, retry_delay=settings.alert_retry_delay)
+        except IngestError as exc:  # the alerts wait in alert_deliveries for the next run
+            log.error("alert delivery: %s", exc)
 
 
 def client_for(settings: Settings, source: Source, stop: threading.Event | None = None, transport=None) -> Client:

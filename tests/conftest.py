@@ -7,6 +7,7 @@ import pytest
 import sqlalchemy as sa
 from support import sync
 
+from ingest import scenarios
 from ingest.simulator import Simulator, SimulatorServer
 from ingest.sync import RunSummary
 
@@ -114,10 +115,14 @@ def synced_10k(tmp_path_factory) -> Synced:
     """One sync of a 10,000-event simulator (seed 0) over HTTP into DuckDB, made once per session and
     shared read-only (tests that write make their own warehouse)."""
     url = f"duckdb:///{tmp_path_factory.mktemp('synced') / 'warehouse.duckdb'}"
+    # Simulated users sign in from home; the ready query of users in several countries needs a traveller:
+    # the account-takeover scenario's two sign-ins (10,000 events in all).
+    travel = [e for e, _ in scenarios.events("account-takeover") if e["type"] == "login.succeeded"]
     with (
-        SimulatorServer(Simulator(events=10000, seed=0, key=SIMULATOR_KEY)) as server,
+        SimulatorServer(Simulator(events=10000 - len(travel), seed=0, key=SIMULATOR_KEY)) as server,
         pytest.MonkeyPatch.context() as mp,
     ):
+        server.sim.insert(travel)
         mp.setenv("OPENAI_ADMIN_KEY", SIMULATOR_KEY)
         [summary] = sync(server, url)
         return Synced(url, server.sim.events, summary)
