@@ -72,6 +72,17 @@ def verb_of(event_type: str, rule: Rule) -> str:
 
 FAILED_VERBS = frozenset({"failed"})
 
+# What a verb does to its subject, for the mappings' activity and event type; other verbs are "other".
+KINDS = {
+    **dict.fromkeys(("created", "registered", "added", "sent", "upserted", "provisioned", "issued", "invited",
+                     "bound_to_resource"), "create"),
+    "looked_up": "read",
+    **dict.fromkeys(("updated", "activated", "deactivated", "enabled", "disabled", "attached", "detached",
+                     "accepted", "declined", "resolved", "completed", "migrated", "started", "requested",
+                     "redemption"), "update"),
+    **dict.fromkeys(("deleted", "removed", "archived", "revoked", "unbound_from_resource"), "delete"),
+}  # fmt: skip
+
 
 @dataclass
 class Facts:
@@ -92,6 +103,10 @@ class Facts:
     @property
     def failed(self) -> bool:
         return self.verb in FAILED_VERBS
+
+    @property
+    def kind(self) -> str:
+        return KINDS.get(self.verb, "other")
 
     def take(self, names: tuple[str, ...]) -> Any:
         """The first of the payload fields present (marked as placed), or None."""

@@ -19,9 +19,7 @@ VERSION = "1.5.0"
 PROFILES = ["cloud"]
 PRODUCT = {"name": "OpenAI Audit Logs", "vendor_name": "OpenAI"}
 
-_CRUD = {"created": 1, "registered": 1, "added": 1, "sent": 1, "upserted": 1, "provisioned": 1, "issued": 1,
-         "invited": 1, "looked_up": 2, "updated": 3, "activated": 3, "deactivated": 3, "enabled": 3,
-         "disabled": 3, "deleted": 4, "removed": 4, "archived": 4, "revoked": 4}  # fmt: skip
+_CRUD = {verb: {"create": 1, "read": 2, "update": 3, "delete": 4}[kind] for verb, kind in mapping.KINDS.items()}
 
 
 @dataclass(frozen=True)

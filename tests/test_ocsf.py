@@ -9,13 +9,12 @@ import functools
 
 import orjson
 import pytest
+import soc_support
 from jsonschema import Draft202012Validator
 from ocsf_json_schema import OcsfJsonSchemaEmbedded, get_ocsf_schema
-from support import KEY, sync
 
-from ingest import batchlog, ocsf
-from ingest.simulator import Simulator, SimulatorServer, event_types_in_spec
-from ingest.store import Warehouse
+from ingest import ocsf
+from ingest.simulator import event_types_in_spec
 
 
 @functools.cache
@@ -32,28 +31,9 @@ def problems(event: dict) -> list[str]:
     ]
 
 
-def stored(url: str) -> list[dict]:
-    warehouse = Warehouse(url)
-    try:
-        with warehouse.connect() as conn:
-            return [e.raw for b in batchlog.iter_after(conn, 0) for e in b.events]
-    finally:
-        warehouse.dispose()
-
-
 @pytest.fixture(scope="module")
 def every_type(tmp_path_factory) -> list[dict]:
-    """The simulator's events of every type (the spec's and the ones it invents), synced and read back."""
-    server = SimulatorServer(Simulator(events=6000, seed=181, key=KEY)).start()
-    try:
-        server.sim.append(5 * len(event_types_in_spec()), types=event_types_in_spec())
-        url = f"duckdb:///{tmp_path_factory.mktemp('ocsf')}/w.duckdb"
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("OPENAI_ADMIN_KEY", KEY)
-            sync(server, url)
-        return stored(url)
-    finally:
-        server.stop()
+    return soc_support.every_type(f"duckdb:///{tmp_path_factory.mktemp('ocsf')}/w.duckdb")
 
 
 def test_every_type_the_simulator_generates_is_a_valid_event_of_its_ocsf_class(every_type):
