@@ -183,21 +183,36 @@ def query(ctx: click.Context, sql: str, fmt: str, wait: float) -> None:
     "--since", required=True, callback=_time, help="Start, inclusive: ISO-8601 date or datetime, UTC unless zoned."
 )
 @click.option("--until", callback=_time, help="End, exclusive.  [default: now]")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "csv"]), default="parquet", show_default=True,
-              help="parquet and csv: the audit_events columns; jsonl: each event's JSON as served.")  # fmt: skip
-@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The file to write.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "csv", "ocsf", "ecs", "security-lake"]),
+              default="parquet", show_default=True,
+              help="parquet and csv: the audit_events columns; jsonl: each event's JSON as served; ocsf, ecs: "
+                   "JSON lines of OCSF events, ECS documents; security-lake: OCSF Parquet in Amazon Security "
+                   "Lake's custom-source layout (--output is a folder).")  # fmt: skip
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="The file (or folder) to write.")
+@click.option("--region", help="security-lake: the AWS region of the partitions (region=...).")
+@click.option("--account-id", help="security-lake: the source's AWS account id (accountId=...).")
 @click.option("--wait", default="10s", show_default=True, callback=_duration,
               help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
 @click.pass_context
-def export(ctx: click.Context, since, until, fmt: str, output: Path, wait: float) -> None:
+def export(ctx: click.Context, since, until, fmt: str, output: Path, region, account_id, wait: float) -> None:
     """Write the events of [since, until) to a file, oldest first."""
     from datetime import UTC, datetime
 
     from ingest.export import export_events, reader
 
     settings = _settings(ctx)
+    if fmt == "security-lake":
+        from ingest import security_lake
+
+        if not (region and account_id):
+            raise ConfigError("--format security-lake needs --region and --account-id (its partitions name them)")
+        security_lake.check(region, account_id)
     with reader(settings, wait) as conn:
-        count = export_events(conn, settings.db_schema, since, until or datetime.now(UTC), fmt, output)
+        if fmt == "security-lake":
+            count = security_lake.export(conn, since, until or datetime.now(UTC), output, region=region,
+                                         account_id=account_id)  # fmt: skip
+        else:
+            count = export_events(conn, settings.db_schema, since, until or datetime.now(UTC), fmt, output)
     click.echo(f"wrote {count:,} events to {output}")
 
 
