@@ -428,6 +428,18 @@ ingest_batch_counter = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),
 )
 
+# Forwarding sinks (ingest.sinks): events delivered, and the last delivery and error, per sink. The sink's
+# checkpoint is its consumer row in sync_state.
+sink_status = sa.Table(
+    "sink_status",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("delivered", sa.BigInteger, nullable=False, server_default="0"),  # events sent, repeats included
+    _ts("last_delivered_at"),
+    sa.Column("last_error", sa.Text),  # one line, never a secret
+    _ts("last_error_at"),
+)
+
 rejected_events = sa.Table(
     "rejected_events",
     metadata,
