@@ -95,8 +95,58 @@ def status(ctx: click.Context) -> None:
     from ingest.report import status_rows
 
     settings = _settings(ctx)
-    rows = status_rows(_warehouse(settings), settings)
+    warehouse = _warehouse(settings)
+    rows = status_rows(warehouse, settings)
     _print_table(rows, title="audit-ingest status")
+    if settings.sinks:
+        from ingest.sinks import lag_rows
+
+        with warehouse.connect() as conn:
+            sinks = lag_rows(conn, settings)
+        _print_table([_sink_row(r) for r in sinks], title="sinks")
+
+
+def _sink_row(row: dict) -> dict:
+    error = f"{row['last_error_at']:%Y-%m-%d %H:%M:%S}: {row['last_error']}" if row["last_error"] else ""
+    return {
+        "sink": row["sink"], "kind": row["kind"], "format": row["format"], "checkpoint": row["checkpoint"],
+        "lag": f"{row['lag_batches']:,} batches, {row['lag_seconds']:,}s", "delivered": f"{row['delivered']:,}",
+        "state": "failing" if row["failing"] else "ok", "last error": error,
+    }  # fmt: skip
+
+
+@cli.command()
+@click.option("--sink", "sink_name", help="Only this configured sink.")
+@click.pass_context
+def forward(ctx: click.Context, sink_name: str | None) -> None:
+    """Send each sink what committed since its checkpoint, then exit (`run` and the daemon do it after each
+    sync). Exit code 10 if a sink could not deliver: it resumes there next time."""
+    from ingest import consumers, sinks
+    from ingest.errors import SinkError
+
+    settings = _settings(ctx)
+    chosen = sinks.configured(settings, sink_name)
+    if not chosen:
+        names = ", ".join(s.name for s in settings.sinks) or "none"
+        raise ConfigError(
+            f"no sink named {sink_name!r}; configured: {names}" if sink_name else "no [[sinks]] configured"
+        )
+    warehouse = _warehouse(settings)
+    warehouse.ensure_schema()
+    failed: list[str] = []
+    record = sinks.recorder(warehouse)
+
+    def on_error(consumer, error) -> None:
+        record(consumer, error)
+        failed.append(consumer.config.name)
+
+    done = consumers.run(warehouse, chosen, on_error=on_error)
+    sinks.observe(warehouse, settings)
+    for sink in chosen:
+        outcome = "failed, resumes there next time" if sink.config.name in failed else "ok"
+        click.echo(f"{sink.config.name}: {done.get(sink.name, 0):,} batches delivered, {outcome}")
+    if failed:
+        raise SinkError(f"{len(failed)} of {len(chosen)} sinks could not deliver: {', '.join(failed)} (see `status`)")
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -393,7 +443,11 @@ def _setup_logging(settings, debug: bool, log_format: str) -> None:
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.addFilter(
-        _Redact([os.environ.get(s.key_env, "") for s in settings.sources] + [os.environ.get("OPENAI_ADMIN_KEY", "")])
+        _Redact(
+            [os.environ.get(s.key_env, "") for s in settings.sources]
+            + [os.environ.get("OPENAI_ADMIN_KEY", "")]
+            + [os.environ.get(s.token_env, "") for s in settings.sinks if s.token_env]
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -68,5 +68,8 @@ def run(
 
 def configured(settings) -> list[Consumer]:
     """The consumers the settings ask for, in the order they run after each sync."""
+    from ingest import sinks
+
     found: list[Consumer] = []
+    found += sinks.configured(settings)
     return found

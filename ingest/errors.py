@@ -64,3 +64,9 @@ class DatabaseInUseError(DatabaseError):
     """Another process holds the DuckDB file (or the source's lock on PostgreSQL)."""
 
     exit_code = 9
+
+
+class SinkError(IngestError):
+    """A forwarding sink could not deliver (receiver down, refused, or misconfigured); it resumes there."""
+
+    exit_code = 10

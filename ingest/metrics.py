@@ -31,6 +31,9 @@ class Metrics:
         self.last_success = metric(Gauge, "audit_ingest_last_success_timestamp_seconds", "End of the last ok run.")
         self.lag = metric(Gauge, "audit_ingest_lag_seconds", "Now minus the newest stored event.")
         self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
+        from ingest.sinks.metrics import SinkCollector
+
+        self.registry.register(SinkCollector())  # per forwarding sink
 
     def serve(self, port: int, addr: str) -> object:
         """Starts the /metrics HTTP server in a thread; returns the server (its `shutdown()` stops it)."""

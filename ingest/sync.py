@@ -124,9 +124,10 @@ def run_sources(
 def feed_consumers(settings: Settings, warehouse: store.Warehouse) -> None:
     """After a sync: the configured consumers (rules, sinks) process what committed since their checkpoints.
     Their failures are logged and never fail the sync (ingest.consumers)."""
-    from ingest import consumers
+    from ingest import consumers, sinks
 
-    consumers.run(warehouse, consumers.configured(settings))
+    consumers.run(warehouse, consumers.configured(settings), on_error=sinks.recorder(warehouse))
+    sinks.observe(warehouse, settings)
 
 
 def client_for(settings: Settings, source: Source, stop: threading.Event | None = None, transport=None) -> Client:
