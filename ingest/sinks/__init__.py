@@ -68,8 +68,8 @@ def lag_rows(conn: sa.Connection, settings: Settings) -> list[dict]:
         rows.append({
             "sink": sink.name, "kind": sink.kind, "format": sink.format, "checkpoint": seq,
             "lag_batches": last - seq, "lag_seconds": _seconds_since(oldest), "delivered": row.delivered if row else 0,
-            "last_delivered_at": row.last_delivered_at if row else None,
-            "last_error": row.last_error if failing else None, "last_error_at": row.last_error_at if row else None,
+            "failing": int(failing), "last_delivered_at": row.last_delivered_at if row else None,
+            "last_error": row.last_error if row else None, "last_error_at": row.last_error_at if row else None,
         })  # fmt: skip
     return rows
 
