@@ -4,6 +4,7 @@ token), and rsyslogd from Debian's package listening on TCP and writing what it 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -125,7 +126,8 @@ class Rsyslog:
     message written as `MSGID<TAB>STRUCTURED-DATA<TAB>MSG` to `out`."""
 
     def __init__(self, folder: Path):
-        if not shutil.which("rsyslogd"):
+        self.binary = shutil.which("rsyslogd", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+        if not self.binary:
             pytest.skip("rsyslogd is not installed (.ci/run installs Debian's rsyslog)")
         self.folder, self.port, self.out = folder, free_port(), folder / "received.log"
         (folder / "work").mkdir(parents=True, exist_ok=True)
@@ -143,7 +145,7 @@ class Rsyslog:
 
     def start(self) -> Rsyslog:
         self.process = subprocess.Popen(
-            ["rsyslogd", "-n", "-f", str(self.config), "-i", str(self.folder / "rsyslogd.pid")],
+            [self.binary, "-n", "-f", str(self.config), "-i", str(self.folder / "rsyslogd.pid")],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         wait_for_port(self.port)
