@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from prometheus_client import generate_latest
 from receivers import HttpReceiver, Rsyslog
 from support import KEY, cli, stored_events
@@ -249,3 +250,66 @@ def test_a_forwarder_killed_mid_batch_sends_that_batch_again_and_loses_nothing(s
     after = [e["id"] for e in receiver.events][300:]
     assert after == order  # the killed pass's batch again, from its start: at least once, in order
     assert set(before) <= set(after) == set(stored_events(duckdb_url))
+
+
+@pytest.mark.parametrize(
+    ("sink", "message"),
+    [
+        ('name = "a"\nkind = "kafka"', "bad config: sinks.0.kind: Input should be 'http', 'splunk_hec', 'syslog' or 'file'"),
+        ('name = "a"\nkind = "http"', "bad config: sinks.0: kind http needs url"),
+        ('name = "a"\nkind = "splunk_hec"\nurl = "https://x/services/collector/event"', "kind splunk_hec needs token_env"),
+        ('name = "a"\nkind = "file"\npath = "x"\nport = 514', "bad config: sinks.0: port: not a setting of kind file"),
+        ('name = "a"\nkind = "http"\nurl = "https://x"\nheaders = { Authorization = "Bearer t" }',
+         "put the token in the environment (token_env), not in headers"),
+        ('name = "a"\nkind = "http"\nurl = "https://x"\nformat = "cef"', "bad config: sinks.0.format: Input should be"),
+        ('name = "a b"\nkind = "file"\npath = "x"', "bad config: sinks.0.name: String should match pattern"),
+    ],
+)  # fmt: skip
+def test_a_bad_sink_setting_is_one_line_and_exit_2(tmp_path, sink, message):
+    config = tmp_path / "audit-ingest.toml"
+    config.write_text(f"[[sinks]]\n{sink}\n")
+    result = cli(
+        "--config", str(config), "forward", env={"AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path}/w.duckdb"}
+    )
+    assert result.returncode == 2 and len(result.stderr.strip().split("\n")) == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_two_sinks_of_one_name_and_forward_without_sinks_are_one_line_errors(tmp_path):
+    config = tmp_path / "audit-ingest.toml"
+    env = {"AUDIT_INGEST_DATABASE_URL": f"duckdb:///{tmp_path}/w.duckdb"}
+    config.write_text('[[sinks]]\nname = "a"\nkind = "file"\npath = "x"\n' * 2)
+    result = cli("--config", str(config), "forward", env=env)
+    assert (result.returncode, result.stderr) == (2, "error: bad config: settings: sink names must be unique\n")
+    config.write_text("")
+    result = cli("--config", str(config), "forward", env=env)
+    assert (result.returncode, result.stderr) == (2, "error: no [[sinks]] configured\n")
+    config.write_text('[[sinks]]\nname = "a"\nkind = "file"\npath = "x"\n')
+    result = cli("--config", str(config), "forward", "--sink", "b", env=env)
+    assert (result.returncode, result.stderr) == (2, "error: no sink named 'b'; configured: a\n")
+
+
+ROTATING = """
+[[sinks]]
+name = "archive"
+kind = "file"
+format = "ecs"
+path = "{path}"
+max_bytes = 400000
+backups = 50
+batch_size = 50
+"""
+
+
+def test_the_file_sink_rotates_whole_lines_and_cuts_the_torn_line_of_a_killed_writer(simulator, duckdb_url, tmp_path):
+    server = simulator(events=1200, seed=205)
+    path = tmp_path / "out" / "events.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b'{"torn": "a line a killed writer left ha')  # no line end: cut off, not continued
+    env = configure(tmp_path, server, duckdb_url, ROTATING.format(path=path))
+    assert cli("run", env=env).returncode == 0
+    files = sorted(path.parent.iterdir(), key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    assert len(files) > 2 and files[-1] == path  # oldest rotated file first, the live one last
+    assert all(p.stat().st_size <= 400000 for p in files)
+    ids = [json.loads(line)["event"]["id"] for p in files for line in p.read_bytes().split(b"\n")[:-1]]
+    assert ids == log_order(duckdb_url)
