@@ -125,16 +125,23 @@ class Rsyslog:
     """rsyslogd in the foreground with a config of its own: RFC 5424 over TCP (octet-counted) on `port`, each
     message written as `MSGID<TAB>STRUCTURED-DATA<TAB>MSG` to `out`."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, tls: bool = False):
         self.binary = shutil.which("rsyslogd", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
         if not self.binary:
             pytest.skip("rsyslogd is not installed (.ci/run installs Debian's rsyslog)")
         self.folder, self.port, self.out = folder, free_port(), folder / "received.log"
         (folder / "work").mkdir(parents=True, exist_ok=True)
         self.config = folder / "rsyslog.conf"
+        tls_global, tls_module = "", ""
+        if tls:  # RFC 5425: rsyslog's OpenSSL stream driver, with a CA and server certificate made here
+            self.ca = make_certificates(folder)
+            tls_global = (f' DefaultNetstreamDriver="ossl" DefaultNetstreamDriverCAFile="{self.ca}"'
+                          f' DefaultNetstreamDriverCertFile="{folder / "server.pem"}"'
+                          f' DefaultNetstreamDriverKeyFile="{folder / "server.key"}"')  # fmt: skip
+            tls_module = ' StreamDriver.Name="ossl" StreamDriver.Mode="1" StreamDriver.AuthMode="anon"'
         self.config.write_text(
-            f'global(workDirectory="{folder / "work"}" maxMessageSize="256k")\n'
-            'module(load="imtcp")\n'
+            f'global(workDirectory="{folder / "work"}" maxMessageSize="256k"{tls_global})\n'
+            f'module(load="imtcp"{tls_module})\n'
             'template(name="line" type="string" string="%msgid%\\t%structured-data%\\t%msg%\\n")\n'
             'ruleset(name="audit") {\n'
             f'  action(type="omfile" file="{self.out}" template="line")\n'
@@ -167,3 +174,22 @@ class Rsyslog:
             msgid, sd, msg = line.split("\t", 2)
             found.append((msgid, sd, json.loads(msg)))
         return found
+
+
+def make_certificates(folder: Path) -> Path:
+    """A CA and a certificate for 127.0.0.1 and localhost signed by it (openssl's command line); the CA's path."""
+    if not shutil.which("openssl") or not list(Path("/usr/lib").glob("*/rsyslog/lmnsd_ossl.so")):
+        pytest.skip("openssl or rsyslog's OpenSSL driver is missing (.ci/run installs rsyslog-openssl)")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=audit-ingest test CA")  # fmt: skip
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"
+    )
+    (folder / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.cnf")  # fmt: skip
+    return folder / "ca.pem"

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 from prometheus_client import generate_latest
-from receivers import HttpReceiver, Rsyslog
+from receivers import HttpReceiver, Rsyslog, make_certificates
 from support import KEY, cli, stored_events
 
 from ingest import batchlog, sinks
@@ -313,3 +313,38 @@ def test_the_file_sink_rotates_whole_lines_and_cuts_the_torn_line_of_a_killed_wr
     assert all(p.stat().st_size <= 400000 for p in files)
     ids = [json.loads(line)["event"]["id"] for p in files for line in p.read_bytes().split(b"\n")[:-1]]
     assert ids == log_order(duckdb_url)
+
+
+SYSLOG_TLS = """
+[[sinks]]
+name = "tls"
+kind = "syslog"
+format = "ocsf"
+host = "127.0.0.1"
+port = {port}
+tls = true
+ca_file = "{ca}"
+retries = 0
+"""
+
+
+def test_syslog_over_tls_reaches_rsyslog_only_when_it_verifies_the_receivers_certificate(
+    simulator, duckdb_url, tmp_path
+):
+    server = simulator(events=600, seed=206)
+    rsyslog = Rsyslog(tmp_path / "rsyslog", tls=True).start()
+    (tmp_path / "other").mkdir()
+    other_ca = make_certificates(tmp_path / "other")  # a CA that did not sign the receiver's certificate
+    try:
+        env = configure(tmp_path, server, duckdb_url, SYSLOG_TLS.format(port=rsyslog.port, ca=other_ca))
+        assert cli("run", env=env).returncode == 0
+        status = sink_status(env)["tls"]
+        assert status["state"] == "failing" and "CERTIFICATE_VERIFY_FAILED" in status["last error"]
+        env = configure(tmp_path, server, duckdb_url, SYSLOG_TLS.format(port=rsyslog.port, ca=rsyslog.ca))
+        result = cli("forward", env=env)
+        assert result.returncode == 0, result.stderr
+    finally:
+        rsyslog.stop()
+    messages = rsyslog.messages()
+    assert [m[2]["metadata"]["uid"] for m in messages] == log_order(duckdb_url)
+    assert all(m[0] == m[2]["metadata"]["event_code"][:32] for m in messages)
