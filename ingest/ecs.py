@@ -80,7 +80,7 @@ def to_ecs(event: dict) -> dict:
     audit = {
         "actor_type": f.actor_type,
         "api_key_id": f.api_key_id,
-        "ja4": mapping._str(f.session.get("ja4")),
+        "ja4": mapping.string(f.session.get("ja4")),
         "payload": event.get(str(event.get("type"))),
     }  # fmt: skip; the payload as served
     doc["openai"] = {"audit": {k: v for k, v in audit.items() if v is not None}}
@@ -99,7 +99,7 @@ def _subject(doc: dict, f: mapping.Facts, related_users: list[str]) -> None:
 
 
 def _session(doc: dict, f: mapping.Facts) -> None:
-    ip = mapping._str(f.session.get("ip_address"))
+    ip = mapping.string(f.session.get("ip_address"))
     if ip:
         d = f.ip_details
         geo = {"city_name": d.get("city"), "country_iso_code": d.get("country"), "region_name": d.get("region"),
@@ -112,9 +112,9 @@ def _session(doc: dict, f: mapping.Facts) -> None:
         if (asn := mapping.number(d.get("asn"))) is not None:
             doc["source"]["as"] = {"number": int(asn)}
         doc["related"] = {"ip": [ip]}
-    if agent := mapping._str(f.session.get("user_agent")):
+    if agent := mapping.string(f.session.get("user_agent")):
         doc["user_agent"] = {"original": agent}
-    if ja3 := mapping._str(f.session.get("ja3")):
+    if ja3 := mapping.string(f.session.get("ja3")):
         doc["tls"] = {"client": {"ja3": ja3}}
 
 

@@ -141,12 +141,12 @@ def facts(event: dict) -> Facts:
     actor = event.get("actor")
     if not isinstance(actor, dict):
         return result
-    result.actor_type = _str(actor.get("type"))
+    result.actor_type = string(actor.get("type"))
     session, key = _obj(actor.get("session")), _obj(actor.get("api_key"))
     user = _obj(session.get("user")) or _obj(key.get("user"))
-    result.user = {k: _str(user.get(k)) for k in ("id", "email") if _str(user.get(k))}
-    result.api_key_id = _str(key.get("id"))
-    result.service_account_id = _str(_obj(key.get("service_account")).get("id"))
+    result.user = {k: string(user.get(k)) for k in ("id", "email") if string(user.get(k))}
+    result.api_key_id = string(key.get("id"))
+    result.service_account_id = string(_obj(key.get("service_account")).get("id"))
     result.session = session
     result.ip_details = _obj(session.get("ip_address_details"))
     return result
@@ -169,7 +169,8 @@ def _obj(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _str(value: Any) -> str | None:
+def string(value: Any) -> str | None:
+    """A non-empty string, else None."""
     return value if isinstance(value, str) and value else None
 
 

@@ -65,8 +65,9 @@ def to_ocsf(event: dict) -> dict:
     """The OCSF event of an audit event as served."""
     f = mapping.facts(event)
     cls = CLASSES[f.rule.family]
-    prefix_verb = str(event.get("type", "")).split(".", 1)[0]  # login/logout: the activity is in the prefix
-    activity = cls.activities.get(f.verb) or cls.activities.get(prefix_verb) or 99
+    # The verb's activity; Authentication's is its prefix (login/logout), its verb the outcome.
+    head = str(event.get("type", "")).split(".", 1)[0]
+    activity = cls.activities.get(head if f.rule.family == "authentication" else f.verb, 99)
     out: dict[str, Any] = {
         "class_uid": cls.uid, "class_name": cls.name, "category_uid": cls.category_uid,
         "category_name": cls.category_name, "activity_id": activity,
@@ -89,7 +90,7 @@ def to_ocsf(event: dict) -> dict:
     endpoint = _src_endpoint(f)
     if endpoint or cls.uid == 6003:  # API Activity requires it
         out["src_endpoint"] = endpoint or _UNKNOWN
-    if user_agent := mapping._str(f.session.get("user_agent")):
+    if user_agent := mapping.string(f.session.get("user_agent")):
         out["http_request"] = {"user_agent": user_agent}
     _subject(out, f, cls)
     unmapped = _unmapped(f, event)
@@ -113,12 +114,12 @@ def _actor(f: mapping.Facts) -> dict:
 
 def _cloud(event: dict) -> dict:
     project = event.get("project")
-    project_id = mapping._str(project.get("id")) if isinstance(project, dict) else None
+    project_id = mapping.string(project.get("id")) if isinstance(project, dict) else None
     return {"provider": "OpenAI", "project_uid": project_id} if project_id else {"provider": "OpenAI"}
 
 
 def _src_endpoint(f: mapping.Facts) -> dict | None:
-    ip = mapping._str(f.session.get("ip_address"))
+    ip = mapping.string(f.session.get("ip_address"))
     if not ip:
         return None
     endpoint: dict[str, Any] = {"ip": ip}

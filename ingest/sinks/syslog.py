@@ -13,6 +13,7 @@ import socket
 import ssl
 from datetime import UTC, datetime
 
+from ingest import mapping
 from ingest.errors import SinkError
 from ingest.sinks.base import Sink
 
@@ -27,7 +28,7 @@ class SyslogSink(Sink):
 
     def message(self, event: dict, line: bytes) -> bytes:
         event_type = str(event.get("type") or "-")
-        severity = _SEVERITY_NOTICE if event_type.endswith(".failed") else _SEVERITY_INFO
+        severity = _SEVERITY_NOTICE if mapping.facts(event).failed else _SEVERITY_INFO
         at = datetime.fromtimestamp(int(event.get("effective_at") or 0), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         msgid = "".join(c for c in event_type if 33 <= ord(c) <= 126)[:32] or "-"
         event_id = str(event.get("id")).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
