@@ -121,7 +121,7 @@ def _sink_row(row: dict) -> dict:
 def forward(ctx: click.Context, sink_name: str | None) -> None:
     """Send each sink what committed since its checkpoint, then exit (`run` and the daemon do it after each
     sync). Exit code 10 if a sink could not deliver: it resumes there next time."""
-    from ingest import consumers, sinks
+    from ingest import sinks
     from ingest.errors import SinkError
 
     settings = _settings(ctx)
@@ -134,13 +134,7 @@ def forward(ctx: click.Context, sink_name: str | None) -> None:
     warehouse = _warehouse(settings)
     warehouse.ensure_schema()
     failed: list[str] = []
-    record = sinks.recorder(warehouse)
-
-    def on_error(consumer, error) -> None:
-        record(consumer, error)
-        failed.append(consumer.config.name)
-
-    done = consumers.run(warehouse, chosen, on_error=on_error)
+    done = sinks.run(warehouse, chosen, on_error=lambda consumer, error: failed.append(consumer.config.name))
     sinks.observe(warehouse, settings)
     for sink in chosen:
         outcome = "failed, resumes there next time" if sink.config.name in failed else "ok"

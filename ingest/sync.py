@@ -126,7 +126,9 @@ def feed_consumers(settings: Settings, warehouse: store.Warehouse) -> None:
     Their failures are logged and never fail the sync (ingest.consumers)."""
     from ingest import consumers, sinks
 
-    consumers.run(warehouse, consumers.configured(settings), on_error=sinks.recorder(warehouse))
+    found = consumers.configured(settings)
+    consumers.run(warehouse, [c for c in found if not isinstance(c, sinks.Sink)])
+    sinks.run(warehouse, [c for c in found if isinstance(c, sinks.Sink)])  # each in a thread: none waits on another
     sinks.observe(warehouse, settings)
 
 

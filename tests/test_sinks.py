@@ -10,10 +10,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 from prometheus_client import generate_latest
-from receivers import HttpReceiver, Rsyslog, make_certificates
+from receivers import HttpReceiver, Rsyslog, free_port, make_certificates
 from support import KEY, cli, stored_events
 
 from ingest import batchlog, sinks
@@ -348,3 +350,83 @@ def test_syslog_over_tls_reaches_rsyslog_only_when_it_verifies_the_receivers_cer
     messages = rsyslog.messages()
     assert [m[2]["metadata"]["uid"] for m in messages] == log_order(duckdb_url)
     assert all(m[0] == m[2]["metadata"]["event_code"][:32] for m in messages)
+
+
+DAEMON = """
+[[sinks]]
+name = "archive"
+kind = "file"
+format = "raw"
+path = "{path}"
+"""
+
+
+def test_the_daemon_forwards_after_each_sync_and_serves_each_sinks_lag_as_metrics(simulator, tmp_path):
+    server = simulator(events=700, seed=207)
+    out, port, url = tmp_path / "events.jsonl", free_port(), f"duckdb:///{tmp_path / 'w.duckdb'}"
+    env = configure(tmp_path, server, url, DAEMON.format(path=out))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_INGEST_", "OPENAI_"))} | env
+    daemon = subprocess.Popen([sys.executable, "-m", "ingest", "daemon", "--interval", "1s", "--metrics-port",
+                               str(port)], env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+
+    def forwarded() -> list[str]:
+        return [json.loads(line)["id"] for line in out.read_bytes().split(b"\n")[:-1]] if out.exists() else []
+
+    def scrape(name: str) -> str | None:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        except httpx.HTTPError:
+            return None
+        return next((line.rsplit(" ", 1)[1] for line in text.split("\n") if line.startswith(name)), None)
+
+    try:
+        want = {e["id"] for e in server.sim.events}
+        wait_until(lambda: set(forwarded()) == want, daemon)
+        want |= {e["id"] for e in server.sim.append(40)}
+        wait_until(lambda: set(forwarded()) == want, daemon)
+        wait_until(lambda: scrape('audit_ingest_sink_events_delivered{sink="archive"}') == "740.0", daemon)
+        assert scrape('audit_ingest_sink_lag_batches{sink="archive"}') == "0.0"
+        assert scrape('audit_ingest_sink_failing{sink="archive"}') == "0.0"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    assert len(forwarded()) == 740  # each event once
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_a_receiver_that_holds_its_request_delays_no_other_sink(simulator, duckdb_url, tmp_path):
+    server = simulator(events=900, seed=208)
+    env = configure(tmp_path, server, duckdb_url, "")
+    assert cli("run", env=env).returncode == 0
+    order = log_order(duckdb_url)
+    receiver = HttpReceiver().start()
+    receiver.hold_at = 1  # the slow one: its first request is read and then left unanswered
+    out = tmp_path / "lake.jsonl"
+    env = configure(tmp_path, server, duckdb_url, SINKS.format(path=out, url=receiver.url))
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_INGEST_", "OPENAI_"))} | env
+    forwarder = subprocess.Popen([sys.executable, "-m", "ingest", "forward"], env=full_env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert receiver.held.wait(60)
+
+        def lake_done() -> bool:
+            return out.exists() and len(out.read_bytes().split(b"\n")[:-1]) == len(order)
+
+        wait_until(lake_done, forwarder)  # while the other sink's request is still held
+        assert not receiver.release.is_set() and forwarder.poll() is None
+    finally:
+        receiver.release.set()
+    try:
+        stdout, stderr = forwarder.communicate(timeout=120)
+        assert forwarder.returncode == 0, stderr.decode()
+    finally:
+        receiver.stop()
+    assert [json.loads(line)["metadata"]["uid"] for line in out.read_bytes().split(b"\n")[:-1]] == order
+    assert {e["event"]["id"] for e in receiver.events} == set(order)

@@ -1,11 +1,13 @@
 """Forwarding sinks (`[[sinks]]`): each is a consumer of the committed-batch log with its own checkpoint.
 
-`configured(settings)` builds them for ingest.consumers; `recorder(warehouse)` is the consumers' `on_error`
-that keeps a sink's last error in `sink_status`; `lag_rows` is what `status` and the metrics show.
+`configured(settings)` builds them for ingest.consumers; `run` gives each its pass in a thread of its own,
+so that a receiver that is down or slow delays only its own sink; `recorder(warehouse)` is the consumers'
+`on_error` that keeps a sink's last error in `sink_status`; `lag_rows` is what `status` and the metrics show.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import datetime
 
@@ -19,7 +21,7 @@ from ingest.sinks.base import Sink, consumer_name, record_error
 from ingest.state import ConsumerState
 from ingest.store import Warehouse, now
 
-__all__ = ["Sink", "build", "configured", "lag_rows", "recorder"]
+__all__ = ["Sink", "build", "configured", "lag_rows", "observe", "recorder", "run"]
 
 
 def build(config: SinkConfig) -> Sink:
@@ -34,6 +36,38 @@ def build(config: SinkConfig) -> Sink:
 
 def configured(settings: Settings, only: str | None = None) -> list[Sink]:
     return [build(s) for s in settings.sinks if only is None or s.name == only]
+
+
+def run(warehouse: Warehouse, chosen: list[Sink],
+        on_error: Callable[[object, IngestError], None] | None = None) -> dict[str, int]:  # fmt: skip
+    """Each sink's pass (ingest.consumers.run) at once, each in its own thread and transactions; returns the
+    batches each delivered. Failures are recorded (and passed to `on_error`); an unexpected one is raised
+    once every pass has ended."""
+    from ingest import consumers
+
+    record = recorder(warehouse)
+    done: dict[str, int] = {}
+    crashed: list[BaseException] = []
+
+    def fail(consumer: object, error: IngestError) -> None:
+        record(consumer, error)
+        if on_error:
+            on_error(consumer, error)
+
+    def one(sink: Sink) -> None:
+        try:
+            done.update(consumers.run(warehouse, [sink], on_error=fail))
+        except BaseException as exc:  # a bug: raised in the caller's thread, after the other passes
+            crashed.append(exc)
+
+    threads = [threading.Thread(target=one, args=(s,), name=f"sink {s.config.name}") for s in chosen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if crashed:
+        raise crashed[0]
+    return done
 
 
 def recorder(warehouse: Warehouse) -> Callable[[object, IngestError], None]:
