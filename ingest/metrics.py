@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from ingest.api import Stats
 from ingest.errors import ConfigError
+from ingest.sinks.metrics import SinkCollector
 
 
 class Metrics:
@@ -31,8 +32,6 @@ class Metrics:
         self.last_success = metric(Gauge, "audit_ingest_last_success_timestamp_seconds", "End of the last ok run.")
         self.lag = metric(Gauge, "audit_ingest_lag_seconds", "Now minus the newest stored event.")
         self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
-        from ingest.sinks.metrics import SinkCollector
-
         self.registry.register(SinkCollector())  # per forwarding sink
 
     def serve(self, port: int, addr: str) -> object:

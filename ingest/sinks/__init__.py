@@ -59,6 +59,8 @@ def run(warehouse: Warehouse, chosen: list[Sink],
             done.update(consumers.run(warehouse, [sink], on_error=fail))
         except BaseException as exc:  # a bug: raised in the caller's thread, after the other passes
             crashed.append(exc)
+        finally:
+            sink.close()
 
     threads = [threading.Thread(target=one, args=(s,), name=f"sink {s.config.name}") for s in chosen]
     for thread in threads:
