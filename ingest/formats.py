@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import orjson
+from ingest.model import dumps  # integers beyond 64 bits too
 
 FORMATS = ("raw", "ocsf", "ecs")
 
@@ -24,4 +24,4 @@ def converter(fmt: str) -> Callable[[dict], dict]:
 def encoder(fmt: str) -> Callable[[dict], bytes]:
     """event -> its JSON in `fmt`, without a line end."""
     convert = converter(fmt)
-    return lambda event: orjson.dumps(convert(event))
+    return lambda event: dumps(convert(event)).encode()

@@ -115,3 +115,9 @@ def test_logins_have_an_outcome_and_changes_say_what_changed(every_type):
     assert group["event"]["type"] == ["group", "deletion"] and group["group"]["id"].startswith("group")
     assert first("api_key.created")["event"]["category"] == ["iam"]
     assert first("project.created")["event"]["category"] == ["configuration"]
+
+
+@pytest.mark.parametrize("event", soc_support.HOSTILE, ids=[e["id"] for e in soc_support.HOSTILE])
+def test_odd_events_the_warehouse_keeps_still_map_to_valid_ecs_fields(event):
+    doc = ecs.to_ecs(event)
+    assert problems(doc) == [] and doc["event"]["id"] == event["id"]

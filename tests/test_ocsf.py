@@ -6,6 +6,7 @@ status its type calls for."""
 from __future__ import annotations
 
 import functools
+import json
 
 import orjson
 import pytest
@@ -109,3 +110,14 @@ def test_a_failed_login_has_status_failure_and_its_error_and_payload_leftovers_a
     mapped = ocsf.to_ocsf(created)
     assert mapped["user"]["uid"] == created["role.assignment.created"]["principal_id"]
     assert mapped["unmapped"]["payload"]["resource_id"] == created["role.assignment.created"]["resource_id"]
+
+
+@pytest.mark.parametrize("event", soc_support.HOSTILE, ids=[e["id"] for e in soc_support.HOSTILE])
+def test_odd_events_the_warehouse_keeps_still_map_to_valid_ocsf_and_encode(event):
+    from ingest.formats import encoder
+
+    mapped = ocsf.to_ocsf(event)
+    assert problems(mapped) == [] and mapped["metadata"]["uid"] == event["id"]
+    assert json.loads(mapped["raw_data"]) == event  # json: integers beyond 64 bits
+    for fmt in ("raw", "ocsf", "ecs"):
+        assert encoder(fmt)(event).startswith(b"{")
