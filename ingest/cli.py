@@ -105,6 +105,49 @@ def status(ctx: click.Context, wait: float) -> None:
     warehouse = _warehouse(settings)
     rows = waiting(wait, lambda: status_rows(warehouse, settings))
     _print_table(rows, title="audit-ingest status")
+    if settings.sinks:
+        from ingest.sinks import lag_rows
+
+        with warehouse.connect() as conn:
+            sinks = lag_rows(conn, settings)
+        _print_table([_sink_row(r) for r in sinks], title="sinks")
+
+
+def _sink_row(row: dict) -> dict:
+    error = f"{row['last_error_at']:%Y-%m-%d %H:%M:%S}: {row['last_error']}" if row["last_error"] else ""
+    return {
+        "sink": row["sink"], "kind": row["kind"], "format": row["format"], "checkpoint": row["checkpoint"],
+        "lag": f"{row['lag_batches']:,} batches, {row['lag_seconds']:,}s", "delivered": f"{row['delivered']:,}",
+        "state": "failing" if row["failing"] else "ok", "last error": error,
+    }  # fmt: skip
+
+
+@cli.command()
+@click.option("--sink", "sink_name", help="Only this configured sink.")
+@click.pass_context
+def forward(ctx: click.Context, sink_name: str | None) -> None:
+    """Send each sink what committed since its checkpoint, then exit (`run` and the daemon do it after each
+    sync). Exit code 10 if a sink could not deliver: it resumes there next time."""
+    from ingest import sinks
+    from ingest.errors import SinkError
+
+    settings = _settings(ctx)
+    chosen = sinks.configured(settings, sink_name)
+    if not chosen:
+        names = ", ".join(s.name for s in settings.sinks) or "none"
+        raise ConfigError(
+            f"no sink named {sink_name!r}; configured: {names}" if sink_name else "no [[sinks]] configured"
+        )
+    warehouse = _warehouse(settings)
+    warehouse.ensure_schema()
+    failed: list[str] = []
+    done = sinks.run(warehouse, chosen, on_error=lambda sink, error: failed.append(sink.config.name))  # type: ignore[attr-defined]
+    sinks.observe(warehouse, settings)
+    for sink in chosen:
+        outcome = "failed, resumes there next time" if sink.config.name in failed else "ok"
+        click.echo(f"{sink.config.name}: {done.get(sink.name, 0):,} batches delivered, {outcome}")
+    if failed:
+        raise SinkError(f"{len(failed)} of {len(chosen)} sinks could not deliver: {', '.join(failed)} (see `status`)")
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -193,21 +236,36 @@ def query(ctx: click.Context, sql: str, fmt: str, wait: float) -> None:
     "--since", required=True, callback=_time, help="Start, inclusive: ISO-8601 date or datetime, UTC unless zoned."
 )
 @click.option("--until", callback=_time, help="End, exclusive.  [default: now]")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "csv"]), default="parquet", show_default=True,
-              help="parquet and csv: the audit_events columns; jsonl: each event's JSON as served.")  # fmt: skip
-@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The file to write.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl", "csv", "ocsf", "ecs", "security-lake"]),
+              default="parquet", show_default=True,
+              help="parquet and csv: the audit_events columns; jsonl: each event's JSON as served; ocsf, ecs: "
+                   "JSON lines of OCSF events, ECS documents; security-lake: OCSF Parquet in Amazon Security "
+                   "Lake's custom-source layout (--output is a folder).")  # fmt: skip
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="The file (or folder) to write.")
+@click.option("--region", help="security-lake: the AWS region of the partitions (region=...).")
+@click.option("--account-id", help="security-lake: the source's AWS account id (accountId=...).")
 @click.option("--wait", default="10s", show_default=True, callback=_duration,
               help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
 @click.pass_context
-def export(ctx: click.Context, since, until, fmt: str, output: Path, wait: float) -> None:
+def export(ctx: click.Context, since, until, fmt: str, output: Path, region, account_id, wait: float) -> None:
     """Write the events of [since, until) to a file, oldest first."""
     from datetime import UTC, datetime
 
     from ingest.export import export_events, reader
 
     settings = _settings(ctx)
+    if fmt == "security-lake":
+        from ingest import security_lake
+
+        if not (region and account_id):
+            raise ConfigError("--format security-lake needs --region and --account-id (its partitions name them)")
+        security_lake.check(region, account_id)
     with reader(settings, wait) as conn:
-        count = export_events(conn, settings.db_schema, since, until or datetime.now(UTC), fmt, output)
+        if fmt == "security-lake":
+            count = security_lake.export(conn, since, until or datetime.now(UTC), output, region=region,
+                                         account_id=account_id)  # fmt: skip
+        else:
+            count = export_events(conn, settings.db_schema, since, until or datetime.now(UTC), fmt, output)
     click.echo(f"wrote {count:,} events to {output}")
 
 
@@ -571,8 +629,9 @@ def _setup_logging(settings, debug: bool, log_format: str) -> None:
         _Redact(
             [os.environ.get(s.key_env, "") for s in settings.sources]
             + [os.environ.get("OPENAI_ADMIN_KEY", "")]
-            + settings.webhooks()
-        )  # a webhook's URL holds its secret (Slack's do)
+            + settings.webhooks()  # a webhook's URL holds its secret (Slack's do)
+            + [os.environ.get(s.token_env, "") for s in settings.sinks if s.token_env]
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

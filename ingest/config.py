@@ -13,7 +13,7 @@ import stat
 import tomllib
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -85,6 +85,71 @@ class Source(BaseModel):
         return key
 
 
+class Sink(BaseModel):
+    """One forwarding destination (`[[sinks]]`): its kind's fields, and how its batches are retried."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    kind: Literal["http", "splunk_hec", "syslog", "file"]
+    format: Literal["raw", "ocsf", "ecs"] = "raw"
+    url: str | None = None  # http, splunk_hec
+    headers: dict[str, str] = Field(default_factory=dict)  # http
+    token_env: str | None = None  # http (Bearer), splunk_hec (required): the variable holding the token
+    host: str | None = None  # syslog
+    port: int | None = Field(default=None, ge=1, le=65535)  # syslog
+    tls: bool = False  # syslog: RFC 5425
+    ca_file: str | None = None  # syslog over TLS: the CA to verify the receiver with (default: the system's)
+    facility: int = Field(default=13, ge=0, le=23)  # syslog: 13, log audit
+    path: str | None = None  # file
+    max_bytes: int = Field(default=100 * 2**20, ge=1024)  # file: rotate past this size
+    backups: int = Field(default=5, ge=0)  # file: rotated files kept
+    batch_size: int = Field(default=500, ge=1, le=100_000)  # events per request, message burst or write
+    timeout: float = 10.0
+    retries: int = Field(default=3, ge=0)  # a batch's attempts after the first, within one pass
+    retry_base_delay: float = Field(default=0.5, ge=0)
+    retry_max_delay: float = Field(default=10.0, ge=0)
+
+    _NEEDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "http": ("url",), "splunk_hec": ("url", "token_env"), "syslog": ("host", "port"), "file": ("path",),
+    }  # fmt: skip
+    _ONLY: ClassVar[dict[str, tuple[str, ...]]] = {
+        "url": ("http", "splunk_hec"), "headers": ("http",), "token_env": ("http", "splunk_hec"),
+        "host": ("syslog",), "port": ("syslog",), "tls": ("syslog",), "ca_file": ("syslog",),
+        "facility": ("syslog",), "path": ("file",), "max_bytes": ("file",), "backups": ("file",),
+    }  # fmt: skip
+
+    @field_validator("timeout", "retry_base_delay", "retry_max_delay", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> Sink:
+        missing = [f for f in self._NEEDS[self.kind] if getattr(self, f) in (None, "")]
+        if missing:
+            raise ValueError(f"kind {self.kind} needs {', '.join(missing)}")
+        foreign = [f for f in self.model_fields_set if self.kind not in self._ONLY.get(f, (self.kind,))]
+        if foreign:
+            raise ValueError(f"{', '.join(sorted(foreign))}: not a setting of kind {self.kind}")
+        if self.url:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) URL: {self.url!r}")
+        if any(k.lower() == "authorization" for k in self.headers):
+            raise ValueError("put the token in the environment (token_env), not in headers")
+        return self
+
+    def token(self) -> str | None:
+        """The token from the environment (never from the file); None when the sink names none."""
+        if not self.token_env:
+            return None
+        token = os.environ.get(self.token_env, "").strip()
+        if not token:
+            raise ConfigError(f"{self.token_env} is not set: export the token of sink {self.name!r}")
+        return token
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -120,6 +185,7 @@ class Settings(BaseModel):
     alert_webhooks: tuple[str, ...] = ()
     # A failed POST is retried after this, doubling per attempt (at most an hour).
     alert_retry_delay: float = Field(default=30.0, ge=0)
+    sinks: tuple[Sink, ...] = ()
 
     @field_validator("alert_webhooks")
     @classmethod
@@ -170,6 +236,9 @@ class Settings(BaseModel):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError("source names must be unique")
+        sinks = [s.name for s in self.sinks]
+        if len(set(sinks)) != len(sinks):
+            raise ValueError("sink names must be unique")
         return self
 
     def webhooks(self) -> list[str]:

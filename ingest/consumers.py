@@ -70,9 +70,12 @@ def run(
 
 def configured(settings) -> list[Consumer]:
     """The consumers the settings ask for, in the order they run after each sync."""
+    from ingest import sinks
+
     found: list[Consumer] = []
     if settings.detections:
         from ingest import detect
 
         found += detect.consumers_for(settings)
+    found += sinks.configured(settings)
     return found

@@ -4,6 +4,7 @@ key (they are built from status codes and our own words, never from request head
 
     IngestError                  1  base class
     ├── ConfigError              2  bad settings, config file, dates, command-line values, database URL
+    │   └── RulesError           2  a detection rule that does not parse or names a field no event has
     ├── Interrupted              0  a stop was requested (SIGTERM/SIGINT) while waiting
     ├── ApiError                    the audit-log API failed; `failure` says how (a `Failure`)
     │   ├── AuthError            3  401: the admin key is missing or wrong
@@ -12,8 +13,9 @@ key (they are built from status codes and our own words, never from request head
     │   ├── ApiUnavailableError  6  unreachable, or 5xx / resets after the whole retry budget
     │   └── BadResponseError     7  a 4xx we do not retry, or a body we cannot use
     │       └── CursorRejected   7  the API refused a stored `after` cursor: the sweep restarts
-    └── DatabaseError            8  the warehouse is unreachable, read-only, or failed a statement
-        └── DatabaseInUseError   9  another process holds the DuckDB file (or the source's lock)
+    ├── DatabaseError            8  the warehouse is unreachable, read-only, or failed a statement
+    │   └── DatabaseInUseError   9  another process holds the DuckDB file (or the source's lock)
+    └── SinkError               11  a forwarding sink could not deliver; it resumes there next time
 """
 
 from __future__ import annotations
@@ -131,3 +133,9 @@ class DatabaseInUseError(DatabaseError):
 
 class RulesError(ConfigError):
     """A detection rule that does not parse, names a field no event has, or cannot be evaluated."""
+
+
+class SinkError(IngestError):
+    """A forwarding sink could not deliver (receiver down, refused, or misconfigured); it resumes there."""
+
+    exit_code = 11

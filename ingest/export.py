@@ -127,7 +127,8 @@ def export_events(
 ) -> int:
     """Writes the events of [since, until), oldest first, to `output`; returns how many.
 
-    parquet and csv hold the `audit_events` columns; jsonl holds each event's JSON as served, one a line.
+    parquet and csv hold the `audit_events` columns; jsonl holds each event's JSON as served, one a line;
+    ocsf and ecs each event mapped (ingest.ocsf, ingest.ecs), one a line.
     The file appears complete or not at all: it is written aside and renamed.
     """
     import pyarrow as pa  # here, not at the top: `query` starts faster without it
@@ -158,7 +159,7 @@ def export_events(
 
 
 def _writer(fmt: str, path: Path, arrow_schema: pa.Schema) -> tuple[Callable, Callable[[], None]]:
-    """(write a record batch, close) for `parquet`, `csv` or `jsonl`."""
+    """(write a record batch, close) for `parquet`, `csv`, `jsonl`, `ocsf` or `ecs`."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -170,4 +171,11 @@ def _writer(fmt: str, path: Path, arrow_schema: pa.Schema) -> tuple[Callable, Ca
         writer = pacsv.CSVWriter(path, arrow_schema)
         return writer.write_batch, writer.close
     out = path.open("wb")
+    if fmt in ("ocsf", "ecs"):  # JSON lines, each event mapped
+        from ingest.formats import encoder
+
+        encode = encoder(fmt)
+        return lambda batch: out.writelines(
+            encode(orjson.loads(r)) + b"\n" for r in batch.column("raw").to_pylist()
+        ), out.close
     return lambda batch: out.writelines(r.encode() + b"\n" for r in batch.column("raw").to_pylist()), out.close

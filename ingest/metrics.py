@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from ingest.api import Stats
 from ingest.errors import ConfigError
+from ingest.sinks.metrics import SinkCollector
 
 
 class Metrics:
@@ -35,6 +36,7 @@ class Metrics:
             Counter, "audit_ingest_stream_unavailable", "Runs in which the API refused the tenant stream (no tenant)."
         )
         self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
+        self.registry.register(SinkCollector())  # per forwarding sink
 
     def serve(self, port: int, addr: str) -> Any:
         """Starts the /metrics HTTP server in a thread; returns the server (its `shutdown()` stops it)."""

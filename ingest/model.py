@@ -516,6 +516,19 @@ ingest_batch_counter = sa.Table(
     },
 )  # fmt: skip
 
+sink_status = sa.Table(
+    "sink_status",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True, info={"doc": "primary key: the sink's name (`[[sinks]]`)"}),
+    sa.Column("delivered", sa.BigInteger, nullable=False, server_default="0",
+              info={"doc": "events it has sent, repeats included"}),
+    _ts("last_delivered_at", info={"doc": "when it last delivered"}),
+    sa.Column("last_error", sa.Text, info={"doc": "its last failure, one line, never a secret"}),
+    _ts("last_error_at", info={"doc": "when that failure happened"}),
+    info={"doc": "Forwarding sinks (`ingest.sinks`): what each has delivered, and its last error. Its checkpoint is "
+          "its consumer row in `sync_state` (`consumer:sink:<name>`)."},
+)  # fmt: skip
+
 alerts = sa.Table(
     "alerts",
     metadata,

@@ -128,9 +128,10 @@ def run_sources(
 def feed_consumers(settings: Settings, warehouse: store.Warehouse) -> None:
     """After a sync: the configured consumers (rules, sinks) process what committed since their checkpoints.
     Their failures are logged and never fail the sync (ingest.consumers)."""
-    from ingest import consumers
+    from ingest import consumers, sinks
 
-    consumers.run(warehouse, consumers.configured(settings))
+    found = consumers.configured(settings)
+    consumers.run(warehouse, [c for c in found if not isinstance(c, sinks.Sink)])
     if settings.detections and settings.webhooks():
         from ingest import delivery
 
@@ -138,6 +139,8 @@ def feed_consumers(settings: Settings, warehouse: store.Warehouse) -> None:
             delivery.deliver_pending(warehouse, retry_delay=settings.alert_retry_delay)
         except IngestError as exc:  # the alerts wait in alert_deliveries for the next run
             log.error("alert delivery: %s", exc)
+    sinks.run(warehouse, [c for c in found if isinstance(c, sinks.Sink)])  # each in a thread: none waits on another
+    sinks.observe(warehouse, settings)
 
 
 def client_for(settings: Settings, source: Source, stop: threading.Event | None = None, transport=None) -> Client:
