@@ -14,6 +14,11 @@ from pathlib import Path
 import duckdb
 from support import cli, scalar, stored_events, sync
 
+from ingest.cli import DEMO_SCENARIO
+from ingest.scenarios import events as scenario_events
+
+PLANTED = len(scenario_events(DEMO_SCENARIO))  # the demo plants one attack among its events, so an alert fires
+
 
 def rows_of(stdout: str) -> list[dict]:
     header, *lines = stdout.splitlines()
@@ -35,7 +40,7 @@ def test_the_duckdb_command_installed_with_the_tool_reads_the_demo_warehouse(tmp
     got = [line.split(",") for line in out.splitlines()[1:]]
     with duckdb.connect(str(tmp_path / "demo.duckdb"), read_only=True) as conn:
         expected = [[t, str(n)] for t, n in conn.execute(sql).fetchall()]
-    assert got == expected and sum(int(n) for _, n in got) == 325  # 300, then 25 appended
+    assert got == expected and sum(int(n) for _, n in got) == 300 + PLANTED + 25  # 25 appended before run two
 
 
 def test_status_on_the_demo_warehouse_lists_only_the_demo_source(tmp_path):
@@ -44,7 +49,7 @@ def test_status_on_the_demo_warehouse_lists_only_the_demo_source(tmp_path):
     result = cli("status", env={"AUDIT_INGEST_DATABASE_URL": url})
     assert result.returncode == 0, result.stderr
     [row] = [r for r in rows_of(result.stdout) if not r["source"].startswith("consumer ")]
-    assert row["source"] == "demo" and row["events"] == "225" and row["checkpoint"] != "never synced"
+    assert row["source"] == "demo" and row["events"] == str(200 + PLANTED + 25) and row["checkpoint"] != "never synced"
 
     # A warehouse that holds no source yet still shows the one configured by default.
     empty = f"duckdb:///{tmp_path / 'empty.duckdb'}"
@@ -110,7 +115,7 @@ def test_status_waits_while_a_sync_holds_the_duckdb_file(synced_10k, tmp_path):
     holder.close()
     out, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 0, err
-    [row] = rows_of(out)
+    [row] = [r for r in rows_of(out) if not r["source"].startswith("consumer ")]
     assert row["source"] == "default" and row["events"] == "10,000"
 
 
