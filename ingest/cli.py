@@ -127,7 +127,7 @@ def _sink_row(row: dict) -> dict:
 @click.pass_context
 def forward(ctx: click.Context, sink_name: str | None) -> None:
     """Send each sink what committed since its checkpoint, then exit (`run` and the daemon do it after each
-    sync). Exit code 10 if a sink could not deliver: it resumes there next time."""
+    sync). Exit code 11 if a sink could not deliver: it resumes there next time."""
     from ingest import sinks
     from ingest.errors import SinkError
 
@@ -148,6 +148,29 @@ def forward(ctx: click.Context, sink_name: str | None) -> None:
         click.echo(f"{sink.config.name}: {done.get(sink.name, 0):,} batches delivered, {outcome}")
     if failed:
         raise SinkError(f"{len(failed)} of {len(chosen)} sinks could not deliver: {', '.join(failed)} (see `status`)")
+
+
+@cli.command()
+@click.option("--events-only", is_flag=True, help="Skip deriving typed rows from raw again (most of the time).")
+@click.option("--wait", default="10s", show_default=True, callback=lambda *a: _duration(*a),
+              help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
+@click.pass_context
+def verify(ctx: click.Context, events_only: bool, wait: float) -> None:
+    """Recompute the ledger's hash chain over every stored event. All well: exit 0 and `verified N events in M
+    batches, chain head H`; otherwise one line per finding and exit 10."""
+    from ingest import verify as verifying
+    from ingest.errors import VerifyFailed
+    from ingest.export import waiting
+
+    settings = _settings(ctx)
+    warehouse = _warehouse(settings)
+    waiting(wait, warehouse.ensure_schema)  # a database from before the ledger is ledgered first
+    result = waiting(wait, lambda: verifying.run(warehouse, typed=not events_only))
+    for finding in result.findings:
+        click.echo(finding.line())
+    if result.findings:
+        raise VerifyFailed(f"{len(result.findings):,} findings in {result.events:,} events (above, one per line)")
+    click.echo(result.line())
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

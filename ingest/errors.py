@@ -15,6 +15,7 @@ key (they are built from status codes and our own words, never from request head
     │       └── CursorRejected   7  the API refused a stored `after` cursor: the sweep restarts
     ├── DatabaseError            8  the warehouse is unreachable, read-only, or failed a statement
     │   └── DatabaseInUseError   9  another process holds the DuckDB file (or the source's lock)
+    ├── VerifyFailed            10  verify found a stored event or ledger row changed, or a difference with the API
     └── SinkError               11  a forwarding sink could not deliver; it resumes there next time
 """
 
@@ -133,6 +134,12 @@ class DatabaseInUseError(DatabaseError):
 
 class RulesError(ConfigError):
     """A detection rule that does not parse, names a field no event has, or cannot be evaluated."""
+
+
+class VerifyFailed(IngestError):
+    """`verify` found something: its findings are printed one per line before this one."""
+
+    exit_code = 10
 
 
 class SinkError(IngestError):

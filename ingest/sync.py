@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from ingest import backends, batchlog, model, store
+from ingest import backends, batchlog, ledger, model, store
 from ingest.api import PAGE_SIZE, Client, Page, Query, fetch_pages
 from ingest.config import Settings, Source
 from ingest.errors import ApiError, BadResponseError, ConfigError, CursorRejected, Failure, IngestError, Interrupted
@@ -564,6 +564,7 @@ def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSum
         if new:
             span = store.span_of(batch.rows.events, new)
             batchlog.record(conn, seq, state.source, state.key, len(new), span)
+            ledger.record(conn, seq, state.source, ledger.batch_digests(batch.rows.events, new))
         else:
             batchlog.give_back(conn, seq)
         if batch.rejected:

@@ -207,7 +207,7 @@ def test_upgrade_from_an_earlier_revision_keeps_the_data(revision, simulator, db
 
 
 # What the revisions after 0003 add: a downgrade to 0002 has none of it.
-LATER_TABLES = ("ingest_batches", "ingest_batch_counter", "alerts", "alert_deliveries", "sink_status")
+LATER_TABLES = ("ingest_batches", "ingest_batch_counter", "alerts", "alert_deliveries", "sink_status", "ingest_ledger")
 LATER_COLUMNS = ("batch_seq", "unavailable")
 
 

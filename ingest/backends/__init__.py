@@ -32,6 +32,7 @@ class Backend(Protocol):
     # Normalising a batch while the engine writes the previous one: PostgreSQL's server works apart from the
     # GIL; DuckDB's statements take it back often, so its batches are normalised between statements.
     NORMALISE_AHEAD: bool
+    SNAPSHOT: dict[str, str]  # execution options of a read that sees one snapshot over several statements
 
     def engine_options(self, read_only: bool) -> dict[str, Any]:
         """create_engine keywords: pooling, the engine's settings, read-only opens."""
@@ -60,6 +61,10 @@ class Backend(Protocol):
         self, conn: sa.Connection, schema: str | None, since: Any, until: Any, arrow_schema: pa.Schema
     ) -> Iterator[pa.RecordBatch]:
         """`audit_events` of [since, until), oldest first, as Arrow record batches of `arrow_schema`."""
+
+    def batch_hashes(self, conn: sa.Connection) -> dict[int | None, tuple[int, str]] | None:
+        """Per `batch_seq`: (events, SHA-256 of their ledger entries), computed in the engine; None where the
+        engine does not keep the canonical text (ingest.verify computes it then)."""
 
 
 def for_dialect(dialect: str) -> Backend:

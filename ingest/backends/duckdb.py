@@ -7,6 +7,7 @@ only in the batch's time range, which zone maps prune.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -41,6 +42,8 @@ _BYTES = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}  #
 # pyarrow. Only a few: binding costs about 0.25 ms a value, far more than Arrow for a batch.
 _BOUND_VALUES = 10
 
+# Every DuckDB transaction reads one snapshot.
+SNAPSHOT: dict[str, str] = {}
 NORMALISE_AHEAD = False
 
 
@@ -192,3 +195,23 @@ def read_events(conn: sa.Connection, schema: str | None, since, until, arrow_sch
     with relation.to_arrow_reader(CHUNK) as reader:
         for batch in reader:
             yield batch.cast(arrow_schema)  # DuckDB's FLOAT is 32-bit
+
+
+def batch_hashes(conn: sa.Connection) -> dict[int | None, tuple[int, str]]:
+    """Each batch's event count and the SHA-256 of its ledger entries (ingest.ledger), computed by the engine from
+    the stored text, which is canonical JSON (model.normalise writes it so), in all the machine's cores."""
+    from sqlalchemy.dialects.postgresql import aggregate_order_by
+
+    ev = model.audit_events
+    sep = sa.literal("\x1f")
+    unix = sa.cast(sa.cast(sa.func.epoch(ev.c.effective_at), sa.BigInteger), sa.Text)
+    line = ev.c.id + sep + unix + sep + sa.cast(ev.c.raw, sa.Text)
+    entry = ev.c.id + sa.literal(" ") + sa.func.sha256(line) + sa.literal("\n")
+    entries = sa.func.string_agg(entry, aggregate_order_by(sa.literal(""), ev.c.id))
+    query = sa.select(ev.c.batch_seq, sa.func.count(), sa.func.sha256(entries)).group_by(ev.c.batch_seq)
+    driver = _driver(conn)
+    driver.execute(f"SET threads TO {os.cpu_count() or 1}; SET memory_limit = '{MEMORY_LIMIT_MAX // 2**20}MB'")
+    try:
+        return {seq: (n, h) for seq, n, h in conn.execute(query)}
+    finally:
+        driver.execute(f"SET threads TO {CONFIG['threads']}; SET memory_limit = '{CONFIG['memory_limit']}'")

@@ -24,6 +24,8 @@ log = logging.getLogger("ingest.store")
 T = TypeVar("T")
 
 LOCK_POLL_SECONDS = 1.0  # a waiting ingester retries the lock this often
+# A read of several statements that sees one snapshot (verify).
+SNAPSHOT: dict[str, str] = {"isolation_level": "REPEATABLE READ"}
 NORMALISE_AHEAD = True
 
 # Each column type's name for binary COPY (psycopg's names: the compiled FLOAT is not one). Subclasses before
@@ -208,3 +210,8 @@ def read_events(conn: sa.Connection, schema: str | None, since, until, arrow_sch
             [pa.array(values, f.type) for values, f in zip(zip(*rows, strict=True), arrow_schema, strict=True)],
             schema=arrow_schema,
         )
+
+
+def batch_hashes(conn: sa.Connection) -> None:
+    """None: `raw` is JSONB, whose text is not the canonical text the ledger hashed; ingest.verify computes it."""
+    return None

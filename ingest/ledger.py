@@ -1,0 +1,125 @@
+"""The ledger: each committed batch's events hashed and chained to the previous batch, in the batch's transaction.
+
+An event's digest is the SHA-256 of `id`, `effective_at` (Unix seconds) and `raw` as canonical JSON (sorted keys,
+no whitespace), joined by the unit separator (0x1f). A batch's row lists its events as `<id> <digest>` lines in id
+order (`entries`); `events_hash` is the SHA-256 of those lines, and `hash` the SHA-256 of the previous row's hash,
+the batch's sequence number, source, event count and `events_hash`. Changing any stored event, or any ledger
+row, changes a hash that `ingest.verify` recomputes. Rewriting the whole chain is caught only against a chain
+head kept elsewhere (a signed evidence manifest, the `audit_ingest_ledger_head` metric).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from ingest import model
+from ingest.backends.common import is_arrow
+
+GENESIS = "0" * 64  # the previous hash of the first batch
+_SEP = "\x1f"
+
+
+def digest(event_id: str, unix: int, raw: str) -> str:
+    """An event's digest; `raw` is the canonical JSON text (model.canonical)."""
+    return hashlib.sha256(f"{event_id}{_SEP}{unix}{_SEP}{raw}".encode()).hexdigest()
+
+
+def canonical_raw(raw: object) -> str:
+    """The canonical text of a stored `raw` as the driver returns it (text, or parsed on PostgreSQL)."""
+    return model.canonical(parsed(raw))
+
+
+def parsed(value: object) -> Any:
+    """A JSON column's value as the driver returns it (text, or already parsed), parsed."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return json.loads(value)  # integers beyond 64 bits
+
+
+def entries_text(digests: Iterable[tuple[str, str]]) -> str:
+    """The ledger's `entries` for (id, digest) pairs."""
+    return "".join(f"{event_id} {d}\n" for event_id, d in sorted(digests))
+
+
+def parse_entries(text: str) -> dict[str, str]:
+    """id -> digest of an `entries` text; a line that is not `<id> <digest>` is skipped (the row's hash tells)."""
+    out = {}
+    for line in text.splitlines():
+        event_id, _, d = line.rpartition(" ")
+        if event_id:
+            out[event_id] = d
+    return out
+
+
+def row_hash(prev: str, seq: int, source: str, events: int, events_hash: str) -> str:
+    return hashlib.sha256(f"{prev}\n{seq}\n{source}\n{events}\n{events_hash}".encode()).hexdigest()
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def batch_digests(rows, ids: set[str]) -> list[tuple[str, str]]:
+    """(id, digest) of the events `ids` among a batch's event rows (dicts, or the DuckDB backend's Arrow table),
+    whose `raw` is already canonical text (model.normalise writes it so)."""
+    if is_arrow(rows):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        chosen = rows.filter(pc.is_in(rows["id"], value_set=pa.array(list(ids), pa.string())))
+        seconds = pc.divide(chosen["effective_at"].cast(pa.int64()), 1_000_000)  # timestamp[us]
+        raw = chosen["raw"]
+        raw = raw.cast(pa.string()) if raw.type == pa.string() else pa.chunked_array([c.storage for c in raw.chunks])
+        triples: Iterator = zip(chosen["id"].to_pylist(), seconds.to_pylist(), raw.to_pylist(), strict=True)
+    else:
+        triples = ((r["id"], unix(r["effective_at"]), r["raw"]) for r in rows if r["id"] in ids)
+    return [(event_id, digest(event_id, t, raw)) for event_id, t, raw in triples]
+
+
+def unix(at: datetime) -> int:
+    return int((at - _EPOCH).total_seconds())
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def record(conn: sa.Connection, seq: int, source: str, digests: list[tuple[str, str]]) -> str:
+    """The ledger row of batch `seq` (in its transaction, which holds the batch log's counter: every lower
+    batch has committed its row); returns its hash."""
+    table = model.ingest_ledger
+    prev = conn.execute(sa.select(table.c.hash).where(table.c.seq < seq).order_by(table.c.seq.desc()).limit(1))
+    previous = prev.scalar() or GENESIS
+    entries = entries_text(digests)
+    events_hash = sha256(entries)
+    hash_ = row_hash(previous, seq, source, len(digests), events_hash)
+    conn.execute(
+        table.insert().values(
+            seq=seq, source=source, events=len(digests), entries=entries, events_hash=events_hash,
+            prev_hash=previous, hash=hash_,
+        )
+    )  # fmt: skip
+    return hash_
+
+
+@dataclass(frozen=True)
+class Head:
+    seq: int
+    hash: str
+
+
+def head(conn: sa.Connection) -> Head | None:
+    """The chain head: the last batch's sequence number and hash."""
+    table = model.ingest_ledger
+    row = conn.execute(sa.select(table.c.seq, table.c.hash).order_by(table.c.seq.desc()).limit(1)).first()
+    return None if row is None else Head(row.seq, row.hash)
