@@ -49,6 +49,20 @@ def stored_events(database_url: str, schema: str | None = None) -> dict[str, dic
     return {row.id: row.raw if isinstance(row.raw, dict) else json.loads(row.raw) for row in rows}
 
 
+def assert_verified(url: str, events: int, schema: str | None = None) -> str:
+    """`verify` finds nothing and counts `events`; returns the chain head."""
+    from ingest import verify
+
+    warehouse = Warehouse(url, schema)
+    try:
+        result = verify.run(warehouse)
+    finally:
+        warehouse.dispose()
+    assert [f.line() for f in result.findings] == [] and result.events == events
+    assert result.head is not None
+    return result.head
+
+
 def select(url: str, query) -> list:
     """The rows of a query, read back from the warehouse."""
     warehouse = Warehouse(url)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import KEY, cli, scalar, stored_events
+from support import assert_verified, KEY, cli, scalar, stored_events
 
 from ingest.store import Warehouse
 
@@ -90,6 +90,7 @@ def assert_exact(server, url: str) -> None:
     assert stored.keys() == served.keys()
     assert stored == served
     assert scalar(url, "SELECT count(DISTINCT id) FROM audit_events") == len(served)
+    assert_verified(url, len(served))  # every batch that committed before a kill is in the ledger, and only those
 
 
 def test_run_killed_at_random_moments_ends_exact(simulator, tmp_path, kills):

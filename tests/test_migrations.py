@@ -196,6 +196,9 @@ def test_upgrade_from_an_earlier_revision_keeps_the_data(revision, simulator, db
     # Every row of every table, checkpoints included; the typed rows re-derived from raw.
     upgraded_rows = snapshot(db_url, model.metadata.sorted_tables)
     assert without_batches(upgraded_rows) == expected
+    # The migration ledgers what was stored: the chain verifies, over every event.
+    verified = cli("verify", env={"AUDIT_INGEST_DATABASE_URL": db_url})
+    assert verified.returncode == 0 and verified.stdout.startswith("verified 600 events"), verified.stdout
     if int(revision) < 4:
         # Events stored before the batch log: one batch per source and stream, every event in one.
         batches = upgraded_rows["ingest_batches"]
@@ -212,8 +215,9 @@ LATER_COLUMNS = ("batch_seq", "unavailable")
 
 
 def without_batches(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """The rows but the committed-batch log's, which a migration numbers anew (one batch per stream)."""
-    log = {"ingest_batches", "ingest_batch_counter"}
+    """The rows but the committed-batch log's and the ledger's, which a migration numbers anew (one batch per
+    stream)."""
+    log = {"ingest_batches", "ingest_batch_counter", "ingest_ledger"}
     return {
         name: [{k: v for k, v in r.items() if k != "batch_seq"} for r in table]
         for name, table in rows.items()

@@ -140,6 +140,7 @@ def test_without_the_lock_two_concurrent_runs_still_store_every_event_once(simul
     assert [s.status for s in results] == ["ok", "ok"]
     assert sum(s.events_new for s in results) == 4000  # each event inserted by exactly one of them
     assert_exact(server.sim, db_url)
+    assert_verified(db_url, 4000)  # their batches interleaved on one chain
     assert scalar(db_url, "SELECT count(*) FROM sync_runs WHERE status = 'ok'") == 2
     # They did overlap: each started before the other finished.
     assert scalar(db_url, "SELECT max(started_at) < min(finished_at) FROM sync_runs")
