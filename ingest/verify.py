@@ -97,7 +97,9 @@ def _chain(rows: list, logged: int) -> Iterator[Finding]:
             yield Finding(first, "broken chain", f"the ledger row of batch {row.seq} was changed")
         prev, expected_seq = row.hash, row.seq + 1
     if logged >= expected_seq:
-        yield Finding(f"batch {expected_seq}", "broken chain", f"batches {expected_seq} to {logged} are not in the ledger")
+        yield Finding(
+            f"batch {expected_seq}", "broken chain", f"batches {expected_seq} to {logged} are not in the ledger"
+        )
 
 
 def _stored(conn: sa.Connection, where: sa.ColumnElement, order: bool = False) -> Iterator:
@@ -134,7 +136,9 @@ def _batch_hashes(conn: sa.Connection) -> dict[int | None, tuple[int, str]]:
 def _events_of(conn: sa.Connection, seq: int | None, row) -> list[Finding]:
     """A batch whose hash differs, event by event: what changed, what is gone, what was added."""
     ev = model.audit_events
-    stored = {r.id: _digest(r) for r in _stored(conn, ev.c.batch_seq.is_(None) if seq is None else ev.c.batch_seq == seq)}
+    stored = {
+        r.id: _digest(r) for r in _stored(conn, ev.c.batch_seq.is_(None) if seq is None else ev.c.batch_seq == seq)
+    }
     if row is None:
         why = "stored without a batch" if seq is None else f"batch {seq} is not in the ledger"
         return [Finding(i, "unledgered", why) for i in sorted(stored)]
@@ -142,7 +146,9 @@ def _events_of(conn: sa.Connection, seq: int | None, row) -> list[Finding]:
     findings = [Finding(i, "missing", f"ledgered in batch {seq}") for i in sorted(entries.keys() - stored.keys())]
     findings += [Finding(i, "unledgered", f"stored in batch {seq}") for i in sorted(stored.keys() - entries.keys())]
     findings += [
-        Finding(i, "modified", f"batch {seq}") for i in sorted(entries.keys() & stored.keys()) if entries[i] != stored[i]
+        Finding(i, "modified", f"batch {seq}")
+        for i in sorted(entries.keys() & stored.keys())
+        if entries[i] != stored[i]
     ]
     return findings
 

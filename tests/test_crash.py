@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import assert_verified, KEY, cli, scalar, stored_events
+from support import KEY, assert_verified, cli, scalar, stored_events
 
 from ingest.store import Warehouse
 

@@ -44,11 +44,15 @@ def chain_head_by_the_docs(db_url: str) -> str:
     for seq in sorted(by_batch):
         entries = "".join(sorted(by_batch[seq]))
         events_hash = hashlib.sha256(entries.encode()).hexdigest()
-        head = hashlib.sha256(f"{head}\n{seq}\n{sources[seq]}\n{len(by_batch[seq])}\n{events_hash}".encode()).hexdigest()
+        head = hashlib.sha256(
+            f"{head}\n{seq}\n{sources[seq]}\n{len(by_batch[seq])}\n{events_hash}".encode()
+        ).hexdigest()
     return head
 
 
-def test_every_committed_batch_is_ledgered_and_the_chain_head_is_what_the_documented_formula_gives(simulator, db_url, key_env):
+def test_every_committed_batch_is_ledgered_and_the_chain_head_is_what_the_documented_formula_gives(
+    simulator, db_url, key_env
+):
     synced(simulator, db_url)
     logged = [r.seq for r in select(db_url, sa.select(model.ingest_batches.c.seq).order_by(model.ingest_batches.c.seq))]
     ledgered = [r.seq for r in select(db_url, sa.select(model.ingest_ledger.c.seq).order_by(model.ingest_ledger.c.seq))]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import KEY, cli, scalar, stored_events, sync
+from support import KEY, assert_verified, cli, scalar, stored_events, sync
 
 from ingest import model, store
 from ingest.backends import postgresql as postgresql_backend
