@@ -264,19 +264,42 @@ def query(ctx: click.Context, sql: str, fmt: str, wait: float) -> None:
               help="parquet and csv: the audit_events columns; jsonl: each event's JSON as served; ocsf, ecs: "
                    "JSON lines of OCSF events, ECS documents; security-lake: OCSF Parquet in Amazon Security "
                    "Lake's custom-source layout (--output is a folder).")  # fmt: skip
-@click.option("--output", required=True, type=click.Path(path_type=Path), help="The file (or folder) to write.")
+@click.option("--output", type=click.Path(path_type=Path), help="The file (or folder) to write.")
 @click.option("--region", help="security-lake: the AWS region of the partitions (region=...).")
 @click.option("--account-id", help="security-lake: the source's AWS account id (accountId=...).")
+@click.option("--evidence", type=click.Path(path_type=Path, file_okay=False),
+              help="Instead of --output: a new folder of signed evidence for an auditor (README, Evidence).")  # fmt: skip
+@click.option("--signing-key", type=click.Path(path_type=Path),
+              help="With --evidence: the OpenSSH Ed25519 private key file that signs its manifest.")  # fmt: skip
 @click.option("--wait", default="10s", show_default=True, callback=_duration,
               help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
 @click.pass_context
-def export(ctx: click.Context, since, until, fmt: str, output: Path, region, account_id, wait: float) -> None:
-    """Write the events of [since, until) to a file, oldest first."""
+def export(
+    ctx: click.Context, since, until, fmt: str, output: Path | None, region, account_id, evidence: Path | None,
+    signing_key: Path | None, wait: float,
+) -> None:  # fmt: skip
+    """Write the events of [since, until) to a file, oldest first; or, with --evidence, signed evidence of them."""
     from datetime import UTC, datetime
 
     from ingest.export import export_events, reader
 
     settings = _settings(ctx)
+    if (output is None) == (evidence is None):
+        raise ConfigError("export needs --output FILE, or --evidence DIR with --signing-key KEY (one of them)")
+    if evidence is not None:
+        from ingest import evidence as evidence_dir
+        from ingest import sshsig
+
+        if signing_key is None:
+            raise ConfigError("--evidence needs --signing-key KEY: an OpenSSH Ed25519 private key file")
+        key = sshsig.load_signing_key(signing_key)
+        naive = [(t or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None) for t in (since, until)]
+        with reader(settings, wait) as conn:
+            manifest = evidence_dir.write(conn, naive[0], naive[1], evidence, key)
+        click.echo(f"wrote the evidence of {manifest['events']['count']:,} events to {evidence}/ (manifest.json "
+                   f"signed in namespace {evidence_dir.NAMESPACE})")  # fmt: skip
+        return
+    assert output is not None
     if fmt == "security-lake":
         from ingest import security_lake
 
