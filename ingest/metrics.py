@@ -11,10 +11,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
 
 from ingest.api import Stats
 from ingest.errors import ConfigError
+from ingest.ledger import Head
 from ingest.sinks.metrics import SinkCollector
 
 
@@ -35,6 +36,9 @@ class Metrics:
         self.unavailable = metric(
             Counter, "audit_ingest_stream_unavailable", "Runs in which the API refused the tenant stream (no tenant)."
         )
+        # The chain head, for a copy of it outside the warehouse's reach (README, "What it proves").
+        self.ledger_seq = Gauge("audit_ingest_ledger_head_seq", "The ledger's last batch.", registry=self.registry)
+        self.ledger_hash = Info("audit_ingest_ledger_head", "The ledger's chain head.", registry=self.registry)
         self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
         self.registry.register(SinkCollector())  # per forwarding sink
 
@@ -48,11 +52,14 @@ class Metrics:
 
     def observe(
         self, source: str, outcome: str, *, events_new: int, stats: Stats, newest: datetime | None,
-        unavailable: int = 0,
+        head: Head | None = None, unavailable: int = 0,
     ) -> None:  # fmt: skip
         """One run that ended `ok`, `failed`, `interrupted` or `skipped`: its new events (those of its committed
         batches), its client's stats, the newest stored event (None when the warehouse was not read), and how
-        many of its streams the API refused."""
+        many of its streams the API refused; the ledger's chain head."""
+        if head is not None:
+            self.ledger_seq.set(head.seq)
+            self.ledger_hash.info({"seq": str(head.seq), "hash": head.hash})
         self.events.labels(source).inc(events_new)
         self.unavailable.labels(source).inc(unavailable)
         self.retries.labels(source).inc(stats.retries)

@@ -26,7 +26,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from ingest import model
+from ingest import ledger, model
 from ingest.config import Settings, Source
 from ingest.errors import ConfigError, IngestError, Interrupted
 from ingest.metrics import Metrics
@@ -116,10 +116,10 @@ class SourceJob:
                       reason, _duration((self.skip + 1) * self.period))  # fmt: skip
             log.debug("traceback of the failed run", exc_info=True)
         finally:
-            newest = None if outcome == "interrupted" else _newest_event(warehouse, self.source.name)
+            newest, head = (None, None) if outcome == "interrupted" else _observed(warehouse, self.source.name)
             events_new = latest[0].events_new if latest else 0
             self.metrics.observe(
-                self.source.name, outcome, events_new=events_new, stats=client.stats, newest=newest,
+                self.source.name, outcome, events_new=events_new, stats=client.stats, newest=newest, head=head,
                 unavailable=len(latest[0].unavailable) if latest else 0,
             )  # fmt: skip
             warehouse.dispose()  # nothing may keep the DuckDB file open between runs
@@ -174,14 +174,16 @@ def run_daemon(
     log.info("daemon stopped")
 
 
-def _newest_event(warehouse: Warehouse, source: str) -> datetime | None:
-    """For the lag metric; None when the warehouse cannot be read (that run's failure is logged already)."""
+def _observed(warehouse: Warehouse, source: str) -> tuple[datetime | None, ledger.Head | None]:
+    """For the lag and ledger metrics: the newest stored event, the chain head; None when the warehouse cannot be
+    read (that run's failure is logged already)."""
     events = model.audit_events
     try:
         with warehouse.connect() as conn:
-            return conn.execute(sa.select(sa.func.max(events.c.effective_at)).where(events.c.source == source)).scalar()
+            newest = conn.execute(sa.select(sa.func.max(events.c.effective_at)).where(events.c.source == source))
+            return newest.scalar(), ledger.head(conn)
     except IngestError:
-        return None
+        return None, None
 
 
 def _duration(seconds: float) -> str:

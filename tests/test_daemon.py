@@ -13,8 +13,10 @@ from pathlib import Path
 import duckdb
 import httpx
 import pytest
-from support import KEY, cli, scalar, stored_events, sync
+import sqlalchemy as sa
+from support import KEY, cli, scalar, select, stored_events, sync
 
+from ingest import model
 from ingest.sync import PREFETCH_PAGES
 
 _started: list[subprocess.Popen] = []
@@ -101,6 +103,7 @@ def test_daemon_picks_up_new_events_leaves_the_file_readable_and_stops_on_sigter
         return lag is not None and abs(lag - (time.time() - newest)) < 5
 
     wait_for(lag_is_right, 10, proc)
+    scrape = httpx.get(f"http://127.0.0.1:{port}/metrics").text  # nothing new comes: the head stays
 
     code, seconds, stderr = stop(proc)
     assert code == 0 and seconds < 15, stderr
@@ -109,6 +112,11 @@ def test_daemon_picks_up_new_events_leaves_the_file_readable_and_stops_on_sigter
     runs = scalar(url, "SELECT count(*) FROM sync_runs WHERE status = 'ok'")
     assert runs >= 2 and scalar(url, "SELECT count(*) FROM sync_runs WHERE status NOT IN ('ok', 'interrupted')") == 0
     assert set(stored_events(url)) == want | new
+    # The chain head, exported for a copy outside the warehouse's reach, is the warehouse's.
+    [(seq, hash_)] = select(url, sa.select(model.ingest_ledger.c.seq, model.ingest_ledger.c.hash)
+                                 .order_by(model.ingest_ledger.c.seq.desc()).limit(1))  # fmt: skip
+    assert f"audit_ingest_ledger_head_seq {float(seq)}" in scrape
+    assert f'audit_ingest_ledger_head_info{{hash="{hash_}",seq="{seq}"}} 1.0' in scrape
 
 
 def test_sigterm_during_a_run_exits_0_after_committing_the_current_batch(simulator, tmp_path, monkeypatch):
