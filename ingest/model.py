@@ -688,7 +688,7 @@ def _add_event(batch: Batch, seen: dict, event: dict, source: str, ingested_at: 
         "project_id": project_id,
         "project_name": project_name,
         "resource_id": resource_id if isinstance(resource_id, str) else None,
-        "payload": None if payload is None else dumps(payload),
+        "payload": None if payload is None else canonical(payload),
         "raw": canonical(event),
         "ingested_at": ingested_at,
     }
@@ -843,7 +843,7 @@ def _convert(value: Any, kind: str) -> tuple[Any, bool]:
         ok = isinstance(value, dict)
     if not ok:
         return None, True
-    return (dumps(value) if kind == "object" else value), False
+    return (canonical(value) if kind == "object" else value), False
 
 
 def _str(value: Any) -> str | None:

@@ -2,7 +2,9 @@
 
 Events stored before this revision are ledgered as they are now, in their batches of migration 0004 (one per
 source and stream) and the batches committed since: the ledger proves that nothing changes from here on, not
-what happened to a row before.
+what happened to a row before. On DuckDB, which keeps `raw`'s text, each `raw` is rewritten as canonical JSON
+(the same value, sorted keys): the text the ledger hashes, which `verify` then recomputes in the engine. Typed
+rows are derived again (REBUILD_TYPED): their JSON objects are canonical text now too.
 
 Revision ID: 0009
 Revises: 0008
@@ -18,6 +20,7 @@ revision = "0009"
 down_revision = "0008"
 branch_labels = None
 depends_on = None
+REBUILD_TYPED = True
 
 
 def upgrade() -> None:
@@ -44,9 +47,23 @@ def _ledger_stored_batches() -> None:
         rows = conn.execute(
             sa.select(events.c.id, events.c.effective_at, events.c.raw).where(events.c.batch_seq == seq)
         ).all()
-        digests = [(r.id, ledger.digest(r.id, ledger.unix(r.effective_at), ledger.canonical_raw(r.raw))) for r in rows]
+        texts = {r.id: ledger.canonical_raw(r.raw) for r in rows}
+        digests = [(r.id, ledger.digest(r.id, ledger.unix(r.effective_at), texts[r.id])) for r in rows]
         ledger.record(conn, seq, source, digests)
+        if conn.dialect.name == "duckdb":
+            changed = {r.id: texts[r.id] for r in rows if r.raw != texts[r.id]}
+            if changed:
+                _rewrite_raw(conn, schema, changed)
 
 
-def downgrade() -> None:
-    op.drop_table("ingest_ledger")
+def _rewrite_raw(conn, schema: str | None, texts: dict[str, str]) -> None:
+    """DuckDB: `raw` of these events set to their canonical text, in one statement over an Arrow table."""
+    import pyarrow as pa
+
+    table = f'"{schema}".audit_events' if schema else "audit_events"
+    driver = conn.connection.driver_connection
+    driver.register("canonical_raw", pa.table({"id": list(texts), "raw": list(texts.values())}))
+    try:
+        driver.execute(f"UPDATE {table} SET raw = c.raw FROM canonical_raw c WHERE {table}.id = c.id")
+    finally:
+        driver.unregister("canonical_raw")
