@@ -1,9 +1,10 @@
 """The ledger: each committed batch's events hashed and chained to the previous batch, in the batch's transaction.
 
 An event's digest is the SHA-256 of `id`, `effective_at` (Unix seconds) and `raw` as canonical JSON (sorted keys,
-no whitespace), joined by the unit separator (0x1f). A batch's row lists its events as `<id> <digest>` lines in id
-order (`entries`); `events_hash` is the SHA-256 of those lines, and `hash` the SHA-256 of the previous row's hash,
-the batch's sequence number, source, event count and `events_hash`. Changing any stored event, or any ledger
+no whitespace), joined by the unit separator (0x1f). A batch's entries (`ingest_ledger_entries`, one row an event)
+are its events' ids and digests; its `events_hash` is the SHA-256 of the lines `<id> <digest>\n` in id order, and
+its `hash` the SHA-256 of the previous row's hash, the batch's sequence number, source, event count and
+`events_hash`, joined by newlines. Changing any stored event, or any ledger
 row, changes a hash that `ingest.verify` recomputes. Rewriting the whole chain is caught only against a chain
 head kept elsewhere (a signed evidence manifest, the `audit_ingest_ledger_head` metric).
 """
@@ -48,18 +49,8 @@ def parsed(value: object) -> Any:
 
 
 def entries_text(digests: Iterable[tuple[str, str]]) -> str:
-    """The ledger's `entries` for (id, digest) pairs."""
+    """The text `events_hash` hashes, of (id, digest) pairs."""
     return "".join(f"{event_id} {d}\n" for event_id, d in sorted(digests))
-
-
-def parse_entries(text: str) -> dict[str, str]:
-    """id -> digest of an `entries` text; a line that is not `<id> <digest>` is skipped (the row's hash tells)."""
-    out = {}
-    for line in text.splitlines():
-        event_id, _, d = line.rpartition(" ")
-        if event_id:
-            out[event_id] = d
-    return out
 
 
 def row_hash(prev: str, seq: int, source: str, events: int, events_hash: str) -> str:
@@ -95,20 +86,22 @@ _EPOCH = datetime(1970, 1, 1)
 
 
 def record(conn: sa.Connection, seq: int, source: str, digests: list[tuple[str, str]]) -> str:
-    """The ledger row of batch `seq` (in its transaction, which holds the batch log's counter: every lower
-    batch has committed its row); returns its hash."""
+    """The ledger row and entries of batch `seq` (in its transaction, which holds the batch log's counter: every
+    lower batch has committed its row); returns its hash."""
+    from ingest.store import insert_rows
+
     table = model.ingest_ledger
     prev = conn.execute(sa.select(table.c.hash).where(table.c.seq < seq).order_by(table.c.seq.desc()).limit(1))
     previous = prev.scalar() or GENESIS
-    entries = entries_text(digests)
-    events_hash = sha256(entries)
+    events_hash = sha256(entries_text(digests))
     hash_ = row_hash(previous, seq, source, len(digests), events_hash)
     conn.execute(
         table.insert().values(
-            seq=seq, source=source, events=len(digests), entries=entries, events_hash=events_hash,
-            prev_hash=previous, hash=hash_,
+            seq=seq, source=source, events=len(digests), events_hash=events_hash, prev_hash=previous, hash=hash_
         )
-    )  # fmt: skip
+    )
+    entries = [{"seq": seq, "event_id": event_id, "digest": d} for event_id, d in digests]
+    insert_rows(conn, model.ingest_ledger_entries, entries, absent=True)
     return hash_
 
 

@@ -523,10 +523,8 @@ ingest_ledger = sa.Table(
         "doc": "primary key: the batch's sequence number (`ingest_batches.seq`)", "joins": "ingest_batches.seq"}),
     sa.Column("source", sa.Text, nullable=False, info={"doc": "the source"}),
     sa.Column("events", sa.BigInteger, nullable=False, info={"doc": "events the batch stored"}),
-    sa.Column("entries", sa.Text, nullable=False, info={
-        "doc": "one line `<event id> <digest>` per event, in id order; the digest is the SHA-256 of id, "
-        "effective_at (Unix seconds) and raw as canonical JSON, joined by 0x1f"}),
-    sa.Column("events_hash", sa.Text, nullable=False, info={"doc": "SHA-256 of `entries`"}),
+    sa.Column("events_hash", sa.Text, nullable=False, info={
+        "doc": "SHA-256 of the batch's entries as lines `<event id> <digest>\\n`, in event id order"}),
     sa.Column("prev_hash", sa.Text, nullable=False, info={"doc": "the previous batch's `hash` (64 zeros for the first)"}),
     sa.Column("hash", sa.Text, nullable=False, info={
         "doc": "SHA-256 of prev_hash, seq, source, events and events_hash, joined by newlines: the chain"}),
@@ -534,6 +532,20 @@ ingest_ledger = sa.Table(
         "doc": "The tamper-evident ledger (`ingest.ledger`): a hash chain over the committed batches, written in each "
         "batch's transaction; `audit-ingest verify` recomputes it. Events stored before migration 0009 are "
         "ledgered in their batches of migration 0004 (one per source and stream).",
+    },
+)  # fmt: skip
+ingest_ledger_entries = sa.Table(
+    "ingest_ledger_entries",
+    metadata,
+    sa.Column("seq", sa.BigInteger, nullable=False, info={
+        "doc": "the batch (`ingest_ledger.seq`)", "joins": "ingest_ledger.seq"}),
+    sa.Column("event_id", sa.Text, nullable=False, info={"doc": "an event it stored", "joins": "audit_events.id"}),
+    sa.Column("digest", sa.Text, nullable=False, info={
+        "doc": "SHA-256 of the event's id, effective_at (Unix seconds) and raw as canonical JSON, joined by 0x1f"}),
+    _pg_key("seq", "event_id"),
+    info={
+        "doc": "One row per ledgered event: what its batch's `events_hash` covers, so that `verify` names the event "
+        "that changed. DuckDB has no key here (its zone maps find a batch's rows).",
     },
 )  # fmt: skip
 

@@ -56,21 +56,23 @@ def run(warehouse: store.Warehouse, *, typed: bool = True) -> Result:
 
 def verify(conn: sa.Connection, *, typed: bool = True) -> Result:
     """Checks everything stored; findings in `Result.findings`, batch by batch."""
+    backend = backends.for_dialect(conn.dialect.name)
     result = Result()
-    rows = _ledger_rows(conn)
-    result.findings += _chain(rows, batchlog.last_seq(conn))
-    ledgered = {r.seq: r for r in rows}
-    computed = backends.for_dialect(conn.dialect.name).batch_hashes(conn)
-    if computed is None:
-        computed = _batch_hashes(conn)
-    for seq in sorted(ledgered.keys() | computed.keys(), key=lambda s: -1 if s is None else s):
-        count, hash_ = computed.get(seq, (0, None))
-        result.events += count
-        row = ledgered.get(seq)
-        if row is None or hash_ != row.events_hash:
-            result.findings += _events_of(conn, seq, row)
-    if typed:
-        result.findings += _typed(conn)
+    with backend.all_cores(conn):
+        rows = _ledger_rows(conn)
+        result.findings += _chain(rows, _entries_hashes(conn), batchlog.last_seq(conn))
+        ledgered = {r.seq: r for r in rows}
+        computed = backend.batch_hashes(conn)
+        if computed is None:
+            computed = _batch_hashes(conn)
+        for seq in sorted(ledgered.keys() | computed.keys(), key=lambda s: -1 if s is None else s):
+            count, hash_ = computed.get(seq, (0, None))
+            result.events += count
+            row = ledgered.get(seq)
+            if row is None or hash_ != row.events_hash:
+                result.findings += _events_of(conn, seq, row)
+        if typed:
+            result.findings += _typed(conn)
     result.batches = len(rows)
     result.head = rows[-1].hash if rows else None
     return result
@@ -81,19 +83,30 @@ def _ledger_rows(conn: sa.Connection) -> list:
     return list(conn.execute(sa.select(table).order_by(table.c.seq)))
 
 
-def _chain(rows: list, logged: int) -> Iterator[Finding]:
-    """Each ledger row's hash recomputed and linked to the previous one; the batch log's batches all ledgered."""
+def _entries_hashes(conn: sa.Connection) -> dict[int, tuple[str, str]]:
+    """Per batch: (its first event id, the SHA-256 of its entries), computed in the engine."""
+    backend = backends.for_dialect(conn.dialect.name)
+    entries = model.ingest_ledger_entries
+    text = backend.entries_text(entries.c.event_id, entries.c.digest)
+    first = sa.func.min(entries.c.event_id.collate("C") if conn.dialect.name == "postgresql" else entries.c.event_id)
+    query = sa.select(entries.c.seq, first, backend.sha256_hex(text)).group_by(entries.c.seq)
+    return {seq: (first_id, h) for seq, first_id, h in conn.execute(query)}
+
+
+def _chain(rows: list, entries: dict[int, tuple[str, str]], logged: int) -> Iterator[Finding]:
+    """Each ledger row's hash recomputed from its entries and linked to the previous one; the batch log's batches
+    all ledgered."""
     prev, expected_seq = ledger.GENESIS, 1
     for row in rows:
-        first = next(iter(ledger.parse_entries(row.entries)), f"batch {row.seq}")
+        first, entries_hash = entries.get(row.seq, (f"batch {row.seq}", ledger.sha256("")))
         if row.seq != expected_seq:
             yield Finding(first, "broken chain", f"batches {expected_seq} to {row.seq - 1} are not in the ledger")
         elif (
             row.prev_hash != prev
-            or ledger.sha256(row.entries) != row.events_hash
+            or entries_hash != row.events_hash
             or ledger.row_hash(row.prev_hash, row.seq, row.source, row.events, row.events_hash) != row.hash
         ):
-            yield Finding(first, "broken chain", f"the ledger row of batch {row.seq} was changed")
+            yield Finding(first, "broken chain", f"the ledger row of batch {row.seq} or its entries changed")
         prev, expected_seq = row.hash, row.seq + 1
     if logged >= expected_seq:
         yield Finding(
@@ -142,7 +155,8 @@ def _events_of(conn: sa.Connection, seq: int | None, row) -> list[Finding]:
     if row is None:
         why = "stored without a batch" if seq is None else f"batch {seq} is not in the ledger"
         return [Finding(i, "unledgered", why) for i in sorted(stored)]
-    entries = ledger.parse_entries(row.entries)
+    table = model.ingest_ledger_entries
+    entries = dict(conn.execute(sa.select(table.c.event_id, table.c.digest).where(table.c.seq == seq)).all())
     findings = [Finding(i, "missing", f"ledgered in batch {seq}") for i in sorted(entries.keys() - stored.keys())]
     findings += [Finding(i, "unledgered", f"stored in batch {seq}") for i in sorted(stored.keys() - entries.keys())]
     findings += [

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from support import KEY, sync
+from support import KEY, logged_events, sync
 
-from ingest import batchlog
 from ingest.simulator import Simulator, SimulatorServer, event_types_in_spec
-from ingest.store import Warehouse
 
 
 def every_type(url: str) -> list[dict]:
@@ -21,12 +19,7 @@ def every_type(url: str) -> list[dict]:
             sync(server, url)
     finally:
         server.stop()
-    warehouse = Warehouse(url)
-    try:
-        with warehouse.connect() as conn:
-            return [e.raw for b in batchlog.iter_after(conn, 0) for e in b.events]
-    finally:
-        warehouse.dispose()
+    return [e.raw for e in logged_events(url)]
 
 
 # Events the warehouse keeps although they do not fit the spec (README, "Kept or quarantined").

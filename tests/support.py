@@ -63,6 +63,18 @@ def assert_verified(url: str, events: int, schema: str | None = None) -> str:
     return result.head
 
 
+def logged_events(url: str) -> list:
+    """Every stored event (`batchlog.StoredEvent`) in committed-batch log order: the order consumers get them."""
+    from ingest import batchlog
+
+    warehouse = Warehouse(url)
+    try:
+        with warehouse.connect() as conn:
+            return [e for b in batchlog.iter_after(conn, 0) for e in b.events]
+    finally:
+        warehouse.dispose()
+
+
 def select(url: str, query) -> list:
     """The rows of a query, read back from the warehouse."""
     warehouse = Warehouse(url)

@@ -118,14 +118,19 @@ def test_verify_names_each_event_changed_deleted_or_added_behind_the_tools_back(
 
 def test_verify_names_a_changed_or_deleted_ledger_row_as_a_broken_chain(simulator, db_url, key_env):
     synced(simulator, db_url)
-    ledger = model.ingest_ledger
-    first_of = {
-        seq: entries.split(" ", 1)[0] for seq, entries in select(db_url, sa.select(ledger.c.seq, ledger.c.entries))
-    }
+    ledger, entries = model.ingest_ledger, model.ingest_ledger_entries
+    first_of: dict[int, str] = {}
+    for seq, event_id in select(db_url, sa.select(entries.c.seq, entries.c.event_id)):
+        first_of[seq] = min(first_of.get(seq, event_id), event_id)
     last = max(first_of)
     tamper(db_url, ledger.update().where(ledger.c.seq == 2).values(events=ledger.c.events + 1))
     code, found, _ = findings(db_url)
     assert code == 10 and found == {(first_of[2], "broken chain")}
+
+    # An entry's digest changed: its batch's hash no longer covers its entries; the event itself is as ledgered.
+    tamper(db_url, entries.update().where(entries.c.event_id == first_of[1]).values(digest="0" * 64))
+    code, found, _ = findings(db_url)
+    assert code == 10 and found == {(first_of[1], "broken chain"), (first_of[2], "broken chain")}
 
     # The last row deleted: its batch is in the batch log, not in the ledger, and its events are unledgered.
     tamper(db_url, ledger.delete().where(ledger.c.seq == last))
@@ -133,9 +138,11 @@ def test_verify_names_a_changed_or_deleted_ledger_row_as_a_broken_chain(simulato
     orphans = {r.id for r in select(db_url, sa.select(ev.c.id).where(ev.c.batch_seq == last))}
     code, found, _ = findings(db_url)
     assert code == 10 and orphans
-    assert found == {(first_of[2], "broken chain"), (f"batch {last}", "broken chain")} | {
-        (i, "unledgered") for i in orphans
-    }
+    assert found == {
+        (first_of[1], "broken chain"),
+        (first_of[2], "broken chain"),
+        (f"batch {last}", "broken chain"),
+    } | {(i, "unledgered") for i in orphans}
 
 
 def test_a_raw_stored_in_another_key_order_or_spacing_is_the_same_event(simulator, duckdb_url, key_env):
@@ -152,10 +159,11 @@ def test_a_warehouse_from_before_the_ledger_is_ledgered_by_its_migration(simulat
     """As `db upgrade` does from revision 0008: the stored batches get their ledger rows, and the chain verifies."""
     monkeypatch.setenv("OPENAI_ADMIN_KEY", KEY)
     synced(simulator, db_url, batches=2)
-    tamper(db_url, model.ingest_ledger.delete(), sa.text("UPDATE alembic_version SET version_num = '0008'"))
+    tamper(db_url, sa.text("UPDATE alembic_version SET version_num = '0008'"))
     warehouse = Warehouse(db_url)
     try:
         with warehouse.connect() as conn, conn.begin():
+            conn.execute(sa.text("DROP TABLE ingest_ledger_entries"))
             conn.execute(sa.text("DROP TABLE ingest_ledger"))
         assert "0009" in warehouse.upgrade()
     finally:

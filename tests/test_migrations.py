@@ -210,14 +210,22 @@ def test_upgrade_from_an_earlier_revision_keeps_the_data(revision, simulator, db
 
 
 # What the revisions after 0003 add: a downgrade to 0002 has none of it.
-LATER_TABLES = ("ingest_batches", "ingest_batch_counter", "alerts", "alert_deliveries", "sink_status", "ingest_ledger")
+LATER_TABLES = (
+    "ingest_batches",
+    "ingest_batch_counter",
+    "alerts",
+    "alert_deliveries",
+    "sink_status",
+    "ingest_ledger",
+    "ingest_ledger_entries",
+)
 LATER_COLUMNS = ("batch_seq", "unavailable")
 
 
 def without_batches(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """The rows but the committed-batch log's and the ledger's, which a migration numbers anew (one batch per
     stream)."""
-    log = {"ingest_batches", "ingest_batch_counter", "ingest_ledger"}
+    log = {"ingest_batches", "ingest_batch_counter", "ingest_ledger", "ingest_ledger_entries"}
     return {
         name: [{k: v for k, v in r.items() if k != "batch_seq"} for r in table]
         for name, table in rows.items()

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 from receivers import HttpReceiver, Rsyslog, free_port, make_certificates
-from support import KEY, cli, stored_events
+from support import KEY, cli, logged_events, stored_events
 
-from ingest import batchlog, sinks
+from ingest import sinks
 from ingest.config import load_settings
 from ingest.metrics import Metrics
 from ingest.store import Warehouse
@@ -33,12 +33,7 @@ def configure(tmp_path, server, url: str, sinks_toml: str, **env: str) -> dict:
 
 def log_order(url: str) -> list[str]:
     """Every stored event id in committed-batch log order: the order a sink delivers in."""
-    warehouse = Warehouse(url)
-    try:
-        with warehouse.connect() as conn:
-            return [e.id for b in batchlog.iter_after(conn, 0) for e in b.events]
-    finally:
-        warehouse.dispose()
+    return [e.id for e in logged_events(url)]
 
 
 def sink_status(env: dict) -> dict[str, dict]:

@@ -66,6 +66,15 @@ class Backend(Protocol):
         """Per `batch_seq`: (events, SHA-256 of their ledger entries), computed in the engine; None where the
         engine does not keep the canonical text (ingest.verify computes it then)."""
 
+    def entries_text(self, event_id: sa.ColumnElement, digest: sa.ColumnElement) -> sa.ColumnElement:
+        """The aggregate of `ledger.entries_text` over rows of (event id, digest)."""
+
+    def sha256_hex(self, text: sa.ColumnElement) -> sa.ColumnElement:
+        """The SHA-256 of a text, as 64 hex digits."""
+
+    def all_cores(self, conn: sa.Connection) -> AbstractContextManager[None]:
+        """For a read over the whole warehouse (verify): the engine's parallelism and memory for it."""
+
 
 def for_dialect(dialect: str) -> Backend:
     if dialect not in SUPPORTED:

@@ -199,19 +199,35 @@ def read_events(conn: sa.Connection, schema: str | None, since, until, arrow_sch
 
 def batch_hashes(conn: sa.Connection) -> dict[int | None, tuple[int, str]]:
     """Each batch's event count and the SHA-256 of its ledger entries (ingest.ledger), computed by the engine from
-    the stored text, which is canonical JSON (model.normalise writes it so), in all the machine's cores."""
-    from sqlalchemy.dialects.postgresql import aggregate_order_by
-
+    the stored text, which is canonical JSON (model.normalise writes it so)."""
     ev = model.audit_events
     sep = sa.literal("\x1f")
     unix = sa.cast(sa.cast(sa.func.epoch(ev.c.effective_at), sa.BigInteger), sa.Text)
-    line = ev.c.id + sep + unix + sep + sa.cast(ev.c.raw, sa.Text)
-    entry = ev.c.id + sa.literal(" ") + sa.func.sha256(line) + sa.literal("\n")
-    entries = sa.func.string_agg(entry, aggregate_order_by(sa.literal(""), ev.c.id))
-    query = sa.select(ev.c.batch_seq, sa.func.count(), sa.func.sha256(entries)).group_by(ev.c.batch_seq)
+    digest = sa.func.sha256(ev.c.id + sep + unix + sep + sa.cast(ev.c.raw, sa.Text))
+    query = sa.select(ev.c.batch_seq, sa.func.count(), sha256_hex(entries_text(ev.c.id, digest))).group_by(
+        ev.c.batch_seq
+    )
+    return {seq: (n, h) for seq, n, h in conn.execute(query)}
+
+
+def entries_text(event_id: sa.ColumnElement, digest: sa.ColumnElement) -> sa.ColumnElement:
+    """The aggregate of ledger.entries_text: `<id> <digest>\\n` lines in id order (DuckDB compares bytes)."""
+    from sqlalchemy.dialects.postgresql import aggregate_order_by
+
+    line = event_id + sa.literal(" ") + digest + sa.literal("\n")
+    return sa.func.string_agg(line, aggregate_order_by(sa.literal(""), event_id))
+
+
+def sha256_hex(text: sa.ColumnElement) -> sa.ColumnElement:
+    return sa.func.sha256(text)
+
+
+@contextmanager
+def all_cores(conn: sa.Connection) -> Iterator[None]:
+    """A read over the whole warehouse (verify) in all the machine's cores, with room for its aggregates."""
     driver = _driver(conn)
     driver.execute(f"SET threads TO {os.cpu_count() or 1}; SET memory_limit = '{MEMORY_LIMIT_MAX // 2**20}MB'")
     try:
-        return {seq: (n, h) for seq, n, h in conn.execute(query)}
+        yield
     finally:
         driver.execute(f"SET threads TO {CONFIG['threads']}; SET memory_limit = '{CONFIG['memory_limit']}'")

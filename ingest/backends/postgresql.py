@@ -215,3 +215,20 @@ def read_events(conn: sa.Connection, schema: str | None, since, until, arrow_sch
 def batch_hashes(conn: sa.Connection) -> None:
     """None: `raw` is JSONB, whose text is not the canonical text the ledger hashed; ingest.verify computes it."""
     return None
+
+
+def entries_text(event_id: sa.ColumnElement, digest: sa.ColumnElement) -> sa.ColumnElement:
+    """The aggregate of ledger.entries_text: `<id> <digest>\\n` lines in id order, by bytes whatever the collation."""
+    from sqlalchemy.dialects.postgresql import aggregate_order_by
+
+    line = event_id + sa.literal(" ") + digest + sa.literal("\n")
+    return sa.func.string_agg(line, aggregate_order_by(sa.literal(""), event_id.collate("C")))
+
+
+def sha256_hex(text: sa.ColumnElement) -> sa.ColumnElement:
+    return sa.func.encode(sa.func.sha256(sa.func.convert_to(text, "UTF8")), "hex")
+
+
+@contextmanager
+def all_cores(conn: sa.Connection) -> Iterator[None]:
+    yield  # the server plans its own parallel workers

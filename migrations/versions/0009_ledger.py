@@ -1,4 +1,4 @@
-"""The tamper-evident ledger: `ingest_ledger`, a hash chain over the committed batches.
+"""The tamper-evident ledger: `ingest_ledger`, a hash chain over the committed batches, and its entries.
 
 Events stored before this revision are ledgered as they are now, in their batches of migration 0004 (one per
 source and stream) and the batches committed since: the ledger proves that nothing changes from here on, not
@@ -29,11 +29,17 @@ def upgrade() -> None:
         sa.Column("seq", sa.BigInteger(), autoincrement=False, nullable=False),
         sa.Column("source", sa.Text(), nullable=False),
         sa.Column("events", sa.BigInteger(), nullable=False),
-        sa.Column("entries", sa.Text(), nullable=False),
         sa.Column("events_hash", sa.Text(), nullable=False),
         sa.Column("prev_hash", sa.Text(), nullable=False),
         sa.Column("hash", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("seq"),
+    )
+    op.create_table(
+        "ingest_ledger_entries",
+        sa.Column("seq", sa.BigInteger(), nullable=False),
+        sa.Column("event_id", sa.Text(), nullable=False),
+        sa.Column("digest", sa.Text(), nullable=False),
+        *([sa.PrimaryKeyConstraint("seq", "event_id")] if op.get_bind().dialect.name == "postgresql" else []),
     )
     _ledger_stored_batches()
 
@@ -67,3 +73,8 @@ def _rewrite_raw(conn, schema: str | None, texts: dict[str, str]) -> None:
         driver.execute(f"UPDATE {table} SET raw = c.raw FROM canonical_raw c WHERE {table}.id = c.id")
     finally:
         driver.unregister("canonical_raw")
+
+
+def downgrade() -> None:
+    op.drop_table("ingest_ledger_entries")
+    op.drop_table("ingest_ledger")
