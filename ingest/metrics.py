@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from ingest.api import Stats
+from ingest.coverage import Coverage
 from ingest.errors import ConfigError
 from ingest.sinks.metrics import SinkCollector
 
@@ -35,6 +36,18 @@ class Metrics:
         self.unavailable = metric(
             Counter, "audit_ingest_stream_unavailable", "Runs in which the API refused the tenant stream (no tenant)."
         )
+        self.gaps = metric(
+            Gauge,
+            "audit_ingest_coverage_gap_seconds",
+            "Seconds between covered windows that the API still holds (a backfill fetches them).",
+        )
+        self.lost = metric(
+            Gauge,
+            "audit_ingest_coverage_lost_upstream_seconds",
+            "Seconds between covered windows older than the API's retention: lost upstream.",
+        )
+        self.findings = Counter("audit_ingest_reconcile_findings", "Findings of the scheduled reconciliations.",
+                                ["source", "finding"], registry=self.registry)  # fmt: skip
         self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
         self.registry.register(SinkCollector())  # per forwarding sink
 
@@ -67,3 +80,9 @@ class Metrics:
             if source not in self._newest:
                 self.lag.labels(source).set_function(lambda: time.time() - self._newest[source])
             self._newest[source] = newest.replace(tzinfo=UTC).timestamp()
+
+    def observe_coverage(self, source: str, streams: list[Coverage]) -> None:
+        """The source's coverage after a run: the seconds of its gaps, lost upstream or not."""
+        gaps = [g for c in streams if c.source == source for g in c.gaps]
+        self.gaps.labels(source).set(sum(g.seconds for g in gaps if not g.lost))
+        self.lost.labels(source).set(sum(g.seconds for g in gaps if g.lost))

@@ -26,7 +26,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from ingest import model
+from ingest import coverage, model
 from ingest.config import Settings, Source
 from ingest.errors import ConfigError, IngestError, Interrupted
 from ingest.metrics import Metrics
@@ -117,6 +117,9 @@ class SourceJob:
             log.debug("traceback of the failed run", exc_info=True)
         finally:
             newest = None if outcome == "interrupted" else _newest_event(warehouse, self.source.name)
+            streams = None if outcome == "interrupted" else _coverage(warehouse, self.settings)
+            if streams is not None:
+                self.metrics.observe_coverage(self.source.name, streams)
             events_new = latest[0].events_new if latest else 0
             self.metrics.observe(
                 self.source.name, outcome, events_new=events_new, stats=client.stats, newest=newest,
@@ -180,6 +183,15 @@ def _newest_event(warehouse: Warehouse, source: str) -> datetime | None:
     try:
         with warehouse.connect() as conn:
             return conn.execute(sa.select(sa.func.max(events.c.effective_at)).where(events.c.source == source)).scalar()
+    except IngestError:
+        return None
+
+
+def _coverage(warehouse: Warehouse, settings: Settings) -> list[coverage.Coverage] | None:
+    """For the coverage metrics; None when the warehouse cannot be read."""
+    try:
+        with warehouse.connect() as conn:
+            return coverage.streams(conn, now=int(time.time()), retention=int(settings.retention))
     except IngestError:
         return None
 
