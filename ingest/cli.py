@@ -212,6 +212,35 @@ def backfill(ctx: click.Context, since, until, workers: int, source_name: str | 
 
 
 @cli.command()
+@click.option("--against-api", is_flag=True, help="Re-read [since, until) from the API, both streams of each "
+              "source, and compare it with the warehouse event by event.")  # fmt: skip
+@click.option("--since", callback=_time, help="With --against-api: start, inclusive (ISO-8601, UTC unless zoned).")
+@click.option("--until", callback=_time, help="End, exclusive.  [default: now]")
+@click.option("--repair", is_flag=True, help="Store the events missing here, as a sync would, and record the "
+              "window as covered.")  # fmt: skip
+@click.option("--source", "source_name", help="Only this configured source.")
+@click.pass_context
+def verify(ctx: click.Context, against_api: bool, since, until, repair: bool, source_name: str | None) -> None:
+    """Prove the copy: one line per finding with its event id (`missing here`, `changed upstream`, `not upstream`),
+    then a summary; exit 10 on any finding."""
+    from ingest import reconcile
+    from ingest.errors import VerifyFailed
+
+    if not against_api or since is None:
+        raise ConfigError("give --against-api --since DATE (and --until DATE, default now): the window to compare")
+    settings = _settings(ctx)
+    sources = settings.source(source_name)
+    for source in sources:
+        source.admin_key()
+    report = reconcile.run(settings, _warehouse(settings), since, until, repair, sources=sources)
+    for finding in report.findings:
+        click.echo(finding.line())
+    click.echo(report.summary())
+    if report.findings:
+        raise VerifyFailed(f"{len(report.findings):,} findings: the warehouse differs from what the API serves")
+
+
+@cli.command()
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
               help="table: drawn on a terminal, tab-separated in a pipe.")  # fmt: skip

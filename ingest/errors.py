@@ -15,6 +15,7 @@ key (they are built from status codes and our own words, never from request head
     │       └── CursorRejected   7  the API refused a stored `after` cursor: the sweep restarts
     ├── DatabaseError            8  the warehouse is unreachable, read-only, or failed a statement
     │   └── DatabaseInUseError   9  another process holds the DuckDB file (or the source's lock)
+    ├── VerifyFailed            10  `verify` found the copy unlike its source (one line per finding printed)
     └── SinkError               11  a forwarding sink could not deliver; it resumes there next time
 """
 
@@ -133,6 +134,12 @@ class DatabaseInUseError(DatabaseError):
 
 class RulesError(ConfigError):
     """A detection rule that does not parse, names a field no event has, or cannot be evaluated."""
+
+
+class VerifyFailed(IngestError):
+    """`verify` found findings: the copy differs from what the API serves (each was printed on its own line)."""
+
+    exit_code = 10
 
 
 class SinkError(IngestError):

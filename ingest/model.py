@@ -493,7 +493,9 @@ ingest_batches = sa.Table(
     sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False, info={
         "doc": "primary key: the batch's sequence number, 1, 2, ... without gaps"}),
     sa.Column("source", sa.Text, nullable=False, info={"doc": "the source"}),
-    sa.Column("state_key", sa.Text, nullable=False, info={"doc": "the sweep that committed it (`sync_state.key`)"}),
+    sa.Column("state_key", sa.Text, nullable=False, info={
+        "doc": "the sweep that committed it (`sync_state.key`), or `reconcile:<stream>` for the events a "
+        "reconciliation's repair stored"}),
     _ts("committed_at", nullable=False, info={"doc": "when it was written"}),
     sa.Column("events", sa.BigInteger, nullable=False, info={"doc": "events it stored"}),
     _ts("min_effective_at", info={"doc": "its oldest event"}),

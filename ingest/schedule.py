@@ -5,7 +5,8 @@ APScheduler runs one job per source, all on a single worker thread: runs of a so
 turns, because a DuckDB file has one writer. Each run opens the warehouse and releases it when done, so
 between runs people can open the file with DuckDB or `audit-ingest query`. A failing source backs off:
 after k failures in a row it skips 2^(k-1) - 1 ticks (at most an hour's worth), so an API that keeps
-failing is not hammered. SIGTERM or SIGINT set `stop`: the running sync commits its current batch and
+failing is not hammered. A reconciliation of the last day (ingest.reconcile) runs after the first syncs and
+then every `reconcile_every`, on the same thread. SIGTERM or SIGINT set `stop`: the running sync commits its current batch and
 ends, and the process exits 0.
 """
 
@@ -128,6 +129,39 @@ class SourceJob:
             warehouse.dispose()  # nothing may keep the DuckDB file open between runs
 
 
+class ReconcileJob:
+    """The scheduled reconciliation of the last day (`reconcile_every`): its findings logged, counted and kept in
+    `reconcile_findings`. It repairs nothing: a finding is for a person (`verify --against-api --repair`)."""
+
+    WINDOW = 86400.0
+
+    def __init__(self, settings: Settings, sources: tuple[Source, ...], *, stop: threading.Event, metrics: Metrics):
+        self.settings, self.sources, self.stop, self.metrics = settings, sources, stop, metrics
+
+    def __call__(self) -> None:
+        from ingest import reconcile
+
+        if self.stop.is_set():
+            return
+        warehouse = Warehouse(self.settings.database_url, self.settings.db_schema)
+        run_at = datetime.now(UTC)
+        try:
+            report = reconcile.run(self.settings, warehouse, datetime.fromtimestamp(time.time() - self.WINDOW, UTC),
+                                   None, False, sources=self.sources, stop=self.stop)  # fmt: skip
+            with warehouse.connect() as conn, conn.begin():
+                reconcile.keep(conn, report, run_at)
+            for finding in report.findings:
+                log.warning("reconciliation: %s", finding.line())
+                self.metrics.findings.labels(finding.source, finding.finding).inc()
+            log.info("reconciliation: %s", report.summary())
+        except Interrupted:
+            log.info("reconciliation stopped")
+        except IngestError as exc:  # tried again at the next tick
+            log.error("reconciliation failed: %s", exc)
+        finally:
+            warehouse.dispose()
+
+
 def run_daemon(
     settings: Settings,
     sources: tuple[Source, ...],
@@ -154,6 +188,10 @@ def run_daemon(
     for source in sources:
         job = SourceJob(settings, source, period=period, stop=stop, metrics=metrics, progress=progress)
         scheduler.add_job(job, trigger, id=source.name, name=f"sync {source.name}", next_run_time=datetime.now(UTC))
+    if settings.reconcile_every:  # after the first syncs (one worker thread), then on its own interval
+        scheduler.add_job(ReconcileJob(settings, sources, stop=stop, metrics=metrics),
+                          IntervalTrigger(seconds=settings.reconcile_every, timezone=UTC), id="reconcile",
+                          name="reconcile the last day", next_run_time=datetime.now(UTC))  # fmt: skip
     # The handler only sets a flag: the main thread polls it, and never blocks on a lock the handler needs.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     scheduler.start()
