@@ -127,7 +127,7 @@ def _sink_row(row: dict) -> dict:
 @click.pass_context
 def forward(ctx: click.Context, sink_name: str | None) -> None:
     """Send each sink what committed since its checkpoint, then exit (`run` and the daemon do it after each
-    sync). Exit code 10 if a sink could not deliver: it resumes there next time."""
+    sync). Exit code 11 if a sink could not deliver: it resumes there next time."""
     from ingest import sinks
     from ingest.errors import SinkError
 
