@@ -5,8 +5,8 @@ APScheduler runs one job per source, all on a single worker thread: runs of a so
 turns, because a DuckDB file has one writer. Each run opens the warehouse and releases it when done, so
 between runs people can open the file with DuckDB or `audit-ingest query`. A failing source backs off:
 after k failures in a row it skips 2^(k-1) - 1 ticks (at most an hour's worth), so an API that keeps
-failing is not hammered. A reconciliation of the last day (ingest.reconcile) runs after the first syncs and
-then every `reconcile_every`, on the same thread. SIGTERM or SIGINT set `stop`: the running sync commits its current batch and
+failing is not hammered. A reconciliation of the last day (ingest.reconcile) runs every `reconcile_every` on
+the same thread, the first one interval after the start: a restarted daemon does not re-read a day. SIGTERM or SIGINT set `stop`: the running sync commits its current batch and
 ends, and the process exits 0.
 """
 
@@ -188,10 +188,10 @@ def run_daemon(
     for source in sources:
         job = SourceJob(settings, source, period=period, stop=stop, metrics=metrics, progress=progress)
         scheduler.add_job(job, trigger, id=source.name, name=f"sync {source.name}", next_run_time=datetime.now(UTC))
-    if settings.reconcile_every:  # after the first syncs (one worker thread), then on its own interval
+    if settings.reconcile_every:
         scheduler.add_job(ReconcileJob(settings, sources, stop=stop, metrics=metrics),
                           IntervalTrigger(seconds=settings.reconcile_every, timezone=UTC), id="reconcile",
-                          name="reconcile the last day", next_run_time=datetime.now(UTC))  # fmt: skip
+                          name="reconcile the last day")  # fmt: skip
     # The handler only sets a flag: the main thread polls it, and never blocks on a lock the handler needs.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     scheduler.start()
