@@ -6,8 +6,8 @@ turns, because a DuckDB file has one writer. Each run opens the warehouse and re
 between runs people can open the file with DuckDB or `audit-ingest query`. A failing source backs off:
 after k failures in a row it skips 2^(k-1) - 1 ticks (at most an hour's worth), so an API that keeps
 failing is not hammered. A reconciliation of the last day (ingest.reconcile) runs every `reconcile_every` on
-the same thread, the first one interval after the start: a restarted daemon does not re-read a day. SIGTERM or SIGINT set `stop`: the running sync commits its current batch and
-ends, and the process exits 0.
+the same thread, the first one interval after the start: a restarted daemon does not re-read a day. SIGTERM
+or SIGINT set `stop`: the running sync commits its current batch and ends, and the process exits 0.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A sweep covers [gte, lte] (Unix seconds, inclusive) newest first, following `after`. Its bounds and
 cursor live in `sync_state` and commit in the same transaction as the rows of the pages before the
 cursor, so a killed run resumes exactly where its last commit left it. When the sweep completes, the
-incremental checkpoint moves to the sweep's upper bound; the next sweep starts `lookback` before it.
+incremental checkpoint moves to the sweep's upper bound; the next sweep starts `lookback` before it. The
+completed window joins the stream's coverage (ingest.coverage) in that same transaction (`complete`).
 A backfill sweeps time slices of a past window concurrently, each with a state row of its own.
 The engine names no event type: `model.normalise` turns events into rows.
 """
