@@ -152,17 +152,47 @@ def forward(ctx: click.Context, sink_name: str | None) -> None:
 
 @cli.command()
 @click.option("--events-only", is_flag=True, help="Skip deriving typed rows from raw again (most of the time).")
+@click.option("--against-api", is_flag=True, help="Instead: re-read [since, until) from the API, both streams of "
+              "each source, and compare it with the warehouse event by event.")  # fmt: skip
+@click.option("--since", callback=lambda *a: _time(*a),
+              help="With --against-api: start, inclusive (ISO-8601, UTC unless zoned).")  # fmt: skip
+@click.option("--until", callback=lambda *a: _time(*a), help="With --against-api: end, exclusive.  [default: now]")
+@click.option("--repair", is_flag=True, help="With --against-api: store the events missing here, as a sync would, "
+              "and record the window as covered.")  # fmt: skip
+@click.option("--source", "source_name", help="With --against-api: only this configured source.")
 @click.option("--wait", default="10s", show_default=True, callback=lambda *a: _duration(*a),
               help="How long to wait while a sync holds the DuckDB file.")  # fmt: skip
 @click.pass_context
-def verify(ctx: click.Context, events_only: bool, wait: float) -> None:
-    """Recompute the ledger's hash chain over every stored event. All well: exit 0 and `verified N events in M
-    batches, chain head H`; otherwise one line per finding and exit 10."""
-    from ingest import verify as verifying
+def verify(
+    ctx: click.Context, events_only: bool, against_api: bool, since, until, repair: bool, source_name: str | None,
+    wait: float,
+) -> None:  # fmt: skip
+    """Recompute the ledger's hash chain over every stored event: all well, exit 0 and `verified N events in M
+    batches, chain head H`. With --against-api, compare a window with the API instead (`missing here`, `changed
+    upstream`, `not upstream`). Otherwise one line per finding, with its event id, and exit 10."""
     from ingest.errors import VerifyFailed
+
+    if (since or until or repair or source_name) and not against_api:
+        raise ConfigError("--since, --until, --repair and --source go with --against-api")
+    settings = _settings(ctx)
+    if against_api:
+        from ingest import reconcile
+
+        if since is None:
+            raise ConfigError("--against-api needs --since DATE (and --until DATE, default now): the window to compare")
+        sources = settings.source(source_name)
+        for source in sources:
+            source.admin_key()
+        report = reconcile.run(settings, _warehouse(settings), since, until, repair, sources=sources)
+        for finding in report.findings:
+            click.echo(finding.line())
+        click.echo(report.summary())
+        if report.findings:
+            raise VerifyFailed(f"{len(report.findings):,} findings: the warehouse differs from what the API serves")
+        return
+    from ingest import verify as verifying
     from ingest.export import waiting
 
-    settings = _settings(ctx)
     warehouse = _warehouse(settings)
     waiting(wait, warehouse.ensure_schema)  # a database from before the ledger is ledgered first
     result = waiting(wait, lambda: verifying.run(warehouse, typed=not events_only))
@@ -295,7 +325,7 @@ def export(
         key = sshsig.load_signing_key(signing_key)
         naive = [(t or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None) for t in (since, until)]
         with reader(settings, wait) as conn:
-            manifest = evidence_dir.write(conn, naive[0], naive[1], evidence, key)
+            manifest = evidence_dir.write(conn, naive[0], naive[1], evidence, key, int(settings.retention))
         click.echo(f"wrote the evidence of {manifest['events']['count']:,} events to {evidence}/ (manifest.json "
                    f"signed in namespace {evidence_dir.NAMESPACE})")  # fmt: skip
         return

@@ -186,6 +186,8 @@ class Settings(BaseModel):
     # A failed POST is retried after this, doubling per attempt (at most an hour).
     alert_retry_delay: float = Field(default=30.0, ge=0)
     sinks: tuple[Sink, ...] = ()
+    # The daemon re-reads the last day from the API this often and keeps what differs (ingest.reconcile); 0: never.
+    reconcile_every: float = Field(default=86400.0, ge=0)
 
     @field_validator("alert_webhooks")
     @classmethod
@@ -197,8 +199,9 @@ class Settings(BaseModel):
         return value
 
     @field_validator(
-        "lookback", "retention", "timeout", "retry_base_delay", "retry_max_delay", "alert_retry_delay", mode="before"
-    )
+        "lookback", "retention", "timeout", "retry_base_delay", "retry_max_delay", "alert_retry_delay",
+        "reconcile_every", mode="before",
+    )  # fmt: skip
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)

@@ -15,7 +15,7 @@ key (they are built from status codes and our own words, never from request head
     │       └── CursorRejected   7  the API refused a stored `after` cursor: the sweep restarts
     ├── DatabaseError            8  the warehouse is unreachable, read-only, or failed a statement
     │   └── DatabaseInUseError   9  another process holds the DuckDB file (or the source's lock)
-    ├── VerifyFailed            10  verify found a stored event or ledger row changed, or a difference with the API
+    ├── VerifyFailed            10  verify found a stored event or ledger row changed, or the copy unlike the API
     └── SinkError               11  a forwarding sink could not deliver; it resumes there next time
 """
 
@@ -137,7 +137,8 @@ class RulesError(ConfigError):
 
 
 class VerifyFailed(IngestError):
-    """`verify` found something: its findings are printed one per line before this one."""
+    """`verify` found something: the warehouse changed behind the tool's back, or differs from what the API
+    serves; each finding was printed on its own line."""
 
     exit_code = 10
 

@@ -2,8 +2,8 @@
 
 DIR gets `events.jsonl` (the window's events as served, oldest first, one canonical JSON text a line: the text
 each event's ledger digest covers), `manifest.json` (counts, first and last event, the SHA-256 of events.jsonl,
-the ledger rows of the batches holding the window's events, the chain head, the window's coverage, the tool's
-version), `manifest.json.sig` (an SSH signature of manifest.json, namespace `audit-ingest-evidence`) and
+the ledger rows of the batches holding the window's events, the chain head, per stream whether completed sweeps
+cover the window and its gaps, the tool's version), `manifest.json.sig` (an SSH signature of manifest.json, namespace `audit-ingest-evidence`) and
 `allowed_signers` (the signing key as principal `audit-ingest`, for a first look: an auditor checks against the
 public key they got from the team, not this copy). DIR appears complete or not at all: written aside, renamed.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
-from ingest import ledger, model, sshsig
+from ingest import coverage, ledger, model, sshsig
 from ingest.errors import ConfigError
 
 NAMESPACE = "audit-ingest-evidence"
@@ -29,8 +30,11 @@ PRINCIPAL = "audit-ingest"
 CHUNK = 10_000
 
 
-def write(conn: sa.Connection, since: datetime, until: datetime, directory: Path, key: sshsig.SigningKey) -> dict:
-    """Writes the evidence of [since, until) (naive UTC) to `directory`; returns the manifest."""
+def write(
+    conn: sa.Connection, since: datetime, until: datetime, directory: Path, key: sshsig.SigningKey, retention: int
+) -> dict:
+    """Writes the evidence of [since, until) (naive UTC) to `directory`; returns the manifest. `retention`: the
+    API's, which tells a gap lost upstream from one a backfill can still fill."""
     if until <= since:
         raise ConfigError("the evidence window is empty: --until must be later than --since")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
@@ -45,6 +49,7 @@ def write(conn: sa.Connection, since: datetime, until: datetime, directory: Path
         partial.mkdir(parents=True)
         events = _events_file(conn, window, partial / "events.jsonl")
         manifest = _manifest(conn, window, since, until, events)
+        manifest["coverage"] = _coverage(conn, since, until, retention)
         text = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
         (partial / "manifest.json").write_bytes(text)
         (partial / "manifest.json.sig").write_text(sshsig.sign(key, text, NAMESPACE))
@@ -104,6 +109,24 @@ def _manifest(
         },
         "signature": {"file": "manifest.json.sig", "namespace": NAMESPACE, "format": "SSHSIG (ssh-keygen -Y)"},
     }
+
+
+def _coverage(conn: sa.Connection, since: datetime, until: datetime, retention: int) -> list[dict[str, Any]]:
+    """Per stream: whether completed sweeps cover the whole window, and the gaps in it."""
+    lo, hi, now = ledger.unix(since), ledger.unix(until) - 1, int(time.time())
+    out = []
+    for stream in coverage.streams(conn, now=now, retention=retention):
+        holes = coverage.gaps(stream.windows, lo, hi, now=now, retention=retention)
+        out.append({
+            "stream": coverage.stream_key(stream.source, stream.tenant),
+            "complete": not holes,
+            "gaps": [{"since": _iso(_at(g.gte)), "until": _iso(_at(g.lte + 1)), "lost_upstream": g.lost} for g in holes],
+        })  # fmt: skip
+    return out
+
+
+def _at(unix: int) -> datetime:
+    return datetime.fromtimestamp(unix, UTC).replace(tzinfo=None)
 
 
 def _iso(at: datetime) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
 
 from ingest.api import Stats
+from ingest.coverage import Coverage
 from ingest.errors import ConfigError
 from ingest.ledger import Head
 from ingest.sinks.metrics import SinkCollector
@@ -39,6 +40,18 @@ class Metrics:
         # The chain head, for a copy of it outside the warehouse's reach (README, "What it proves").
         self.ledger_seq = Gauge("audit_ingest_ledger_head_seq", "The ledger's last batch.", registry=self.registry)
         self.ledger_hash = Info("audit_ingest_ledger_head", "The ledger's chain head.", registry=self.registry)
+        self.gaps = metric(
+            Gauge,
+            "audit_ingest_coverage_gap_seconds",
+            "Seconds between covered windows that the API still holds (a backfill fetches them).",
+        )
+        self.lost = metric(
+            Gauge,
+            "audit_ingest_coverage_lost_upstream_seconds",
+            "Seconds between covered windows older than the API's retention: lost upstream.",
+        )
+        self.findings = Counter("audit_ingest_reconcile_findings", "Findings of the scheduled reconciliations.",
+                                ["source", "finding"], registry=self.registry)  # fmt: skip
         self._newest: dict[str, float] = {}  # Unix time of the newest stored event, per source
         self.registry.register(SinkCollector())  # per forwarding sink
 
@@ -74,3 +87,9 @@ class Metrics:
             if source not in self._newest:
                 self.lag.labels(source).set_function(lambda: time.time() - self._newest[source])
             self._newest[source] = newest.replace(tzinfo=UTC).timestamp()
+
+    def observe_coverage(self, source: str, streams: list[Coverage]) -> None:
+        """The source's coverage after a run: the seconds of its gaps, lost upstream or not."""
+        gaps = [g for c in streams if c.source == source for g in c.gaps]
+        self.gaps.labels(source).set(sum(g.seconds for g in gaps if not g.lost))
+        self.lost.labels(source).set(sum(g.seconds for g in gaps if g.lost))

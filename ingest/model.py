@@ -493,7 +493,9 @@ ingest_batches = sa.Table(
     sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False, info={
         "doc": "primary key: the batch's sequence number, 1, 2, ... without gaps"}),
     sa.Column("source", sa.Text, nullable=False, info={"doc": "the source"}),
-    sa.Column("state_key", sa.Text, nullable=False, info={"doc": "the sweep that committed it (`sync_state.key`)"}),
+    sa.Column("state_key", sa.Text, nullable=False, info={
+        "doc": "the sweep that committed it (`sync_state.key`), or `reconcile:<stream>` for the events a "
+        "reconciliation's repair stored"}),
     _ts("committed_at", nullable=False, info={"doc": "when it was written"}),
     sa.Column("events", sa.BigInteger, nullable=False, info={"doc": "events it stored"}),
     _ts("min_effective_at", info={"doc": "its oldest event"}),
@@ -594,6 +596,40 @@ alert_deliveries = sa.Table(
     sa.PrimaryKeyConstraint("rule_id", "events_hash", "url"),
     info={"doc": "One row per alert and webhook URL, written with the alert: an alert committed is delivered at "
           "least once, whenever the receiver is back."},
+)  # fmt: skip
+
+# Completeness (ingest.coverage, ingest.reconcile): which time the copy holds whole, and what a re-read found.
+sweep_windows = sa.Table(
+    "sweep_windows",
+    metadata,
+    sa.Column("stream", sa.Text, nullable=False, info={
+        "doc": "the stream: the source name, `#tenant` appended for its tenant-scoped stream (as `sync_state.key`); "
+        "primary key with `gte`"}),
+    sa.Column("source", sa.Text, nullable=False, info={"doc": "the source"}),
+    sa.Column("gte", sa.BigInteger, nullable=False, info={"doc": "the window's first second (Unix seconds)"}),
+    sa.Column("lte", sa.BigInteger, nullable=False, info={"doc": "its last second, included"}),
+    sa.Column("kind", sa.Text, nullable=False, info={
+        "doc": "the sweep that last extended it: `first sync`, `incremental`, `slice`, `backfill` or `reconciliation`"}),
+    _ts("updated_at", nullable=False, info={"doc": "when it was last extended"}),
+    sa.PrimaryKeyConstraint("stream", "gte"),
+    info={"doc": "The union of the completed sweeps' windows, per stream: every event the API served in them is "
+          "stored. Each completed sweep records its window in the transaction of its last state save; windows that "
+          "overlap or touch are merged into one row, so the table stays small. The time between two rows is a gap "
+          "(`status`)."},
+)  # fmt: skip
+reconcile_findings = sa.Table(
+    "reconcile_findings",
+    metadata,
+    _ts("run_at", nullable=False, info={"doc": "when the reconciliation ran"}),
+    sa.Column("source", sa.Text, nullable=False, info={"doc": "the source"}),
+    sa.Column("event_id", sa.Text, nullable=False, info={"doc": "the event (`audit_events.id`, or the API's id)"}),
+    sa.Column("finding", sa.Text, nullable=False, info={
+        "doc": "`missing here` (served, not stored), `changed upstream` (served unlike the stored `raw`) or "
+        "`not upstream` (stored, not served)"}),
+    sa.Column("details", sa.Text, nullable=False, info={"doc": "the event's type and time, and whether it was repaired"}),
+    sa.PrimaryKeyConstraint("run_at", "source", "event_id"),
+    info={"doc": "What the daemon's scheduled reconciliation (`reconcile_every`) found when it re-read the last day "
+          "from the API, one row per event."},
 )  # fmt: skip
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from ingest import batchlog, model
+from ingest import batchlog, coverage, model
 from ingest.config import Settings
 from ingest.state import Key
 from ingest.store import Warehouse, now
@@ -52,6 +53,9 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
             )
             last[status] = {r.source: r.at for r in conn.execute(q)}
         last_batch = batchlog.last_seq(conn)
+        covered: dict[str, list[coverage.Coverage]] = {}
+        for c in coverage.streams(conn, now=int(time.time()), retention=int(settings.retention)):
+            covered.setdefault(c.source, []).append(c)
         errors = {
             r.source: r.error
             for r in conn.execute(
@@ -98,6 +102,8 @@ def status_rows(warehouse: Warehouse, settings: Settings) -> list[dict]:
                     for (since, until), (done, total) in sorted(backfills.get(name, {}).items())
                     if done < total
                 ),
+                "coverage": "; ".join(_complete_from(c) for c in covered.get(name, [])),
+                "gaps": "; ".join(_gap(c, g) for c in covered.get(name, []) for g in c.gaps),
                 "warning": warning,
             }
         )
@@ -131,6 +137,15 @@ def demo_summary(warehouse: Warehouse) -> list[tuple[str, list[dict]]]:
             .limit(8)
         ).all()
     return [("tables", counts), ("top event types", [{"type": t, "events": n} for t, n in top])]
+
+
+def _complete_from(c: coverage.Coverage) -> str:
+    return f"{'tenant ' if c.tenant else ''}complete from {_when(c.complete_from or 0)}"
+
+
+def _gap(c: coverage.Coverage, gap: coverage.Gap) -> str:
+    return (f"{'tenant ' if c.tenant else ''}gap [{_when(gap.gte)}, {_when(gap.lte)}]"
+            + (" lost upstream" if gap.lost else ""))  # fmt: skip
 
 
 def _when(unix: int) -> str:

@@ -5,8 +5,9 @@ APScheduler runs one job per source, all on a single worker thread: runs of a so
 turns, because a DuckDB file has one writer. Each run opens the warehouse and releases it when done, so
 between runs people can open the file with DuckDB or `audit-ingest query`. A failing source backs off:
 after k failures in a row it skips 2^(k-1) - 1 ticks (at most an hour's worth), so an API that keeps
-failing is not hammered. SIGTERM or SIGINT set `stop`: the running sync commits its current batch and
-ends, and the process exits 0.
+failing is not hammered. A reconciliation of the last day (ingest.reconcile) runs every `reconcile_every` on
+the same thread, the first one interval after the start: a restarted daemon does not re-read a day. SIGTERM
+or SIGINT set `stop`: the running sync commits its current batch and ends, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from ingest import ledger, model
+from ingest import coverage, ledger, model
 from ingest.config import Settings, Source
 from ingest.errors import ConfigError, IngestError, Interrupted
 from ingest.metrics import Metrics
@@ -117,12 +118,48 @@ class SourceJob:
             log.debug("traceback of the failed run", exc_info=True)
         finally:
             newest, head = (None, None) if outcome == "interrupted" else _observed(warehouse, self.source.name)
+            streams = None if outcome == "interrupted" else _coverage(warehouse, self.settings)
+            if streams is not None:
+                self.metrics.observe_coverage(self.source.name, streams)
             events_new = latest[0].events_new if latest else 0
             self.metrics.observe(
                 self.source.name, outcome, events_new=events_new, stats=client.stats, newest=newest, head=head,
                 unavailable=len(latest[0].unavailable) if latest else 0,
             )  # fmt: skip
             warehouse.dispose()  # nothing may keep the DuckDB file open between runs
+
+
+class ReconcileJob:
+    """The scheduled reconciliation of the last day (`reconcile_every`): its findings logged, counted and kept in
+    `reconcile_findings`. It repairs nothing: a finding is for a person (`verify --against-api --repair`)."""
+
+    WINDOW = 86400.0
+
+    def __init__(self, settings: Settings, sources: tuple[Source, ...], *, stop: threading.Event, metrics: Metrics):
+        self.settings, self.sources, self.stop, self.metrics = settings, sources, stop, metrics
+
+    def __call__(self) -> None:
+        from ingest import reconcile
+
+        if self.stop.is_set():
+            return
+        warehouse = Warehouse(self.settings.database_url, self.settings.db_schema)
+        run_at = datetime.now(UTC)
+        try:
+            report = reconcile.run(self.settings, warehouse, datetime.fromtimestamp(time.time() - self.WINDOW, UTC),
+                                   None, False, sources=self.sources, stop=self.stop)  # fmt: skip
+            with warehouse.connect() as conn, conn.begin():
+                reconcile.keep(conn, report, run_at)
+            for finding in report.findings:
+                log.warning("reconciliation: %s", finding.line())
+                self.metrics.findings.labels(finding.source, finding.finding).inc()
+            log.info("reconciliation: %s", report.summary())
+        except Interrupted:
+            log.info("reconciliation stopped")
+        except IngestError as exc:  # tried again at the next tick
+            log.error("reconciliation failed: %s", exc)
+        finally:
+            warehouse.dispose()
 
 
 def run_daemon(
@@ -151,6 +188,10 @@ def run_daemon(
     for source in sources:
         job = SourceJob(settings, source, period=period, stop=stop, metrics=metrics, progress=progress)
         scheduler.add_job(job, trigger, id=source.name, name=f"sync {source.name}", next_run_time=datetime.now(UTC))
+    if settings.reconcile_every:
+        scheduler.add_job(ReconcileJob(settings, sources, stop=stop, metrics=metrics),
+                          IntervalTrigger(seconds=settings.reconcile_every, timezone=UTC), id="reconcile",
+                          name="reconcile the last day")  # fmt: skip
     # The handler only sets a flag: the main thread polls it, and never blocks on a lock the handler needs.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     scheduler.start()
@@ -184,6 +225,15 @@ def _observed(warehouse: Warehouse, source: str) -> tuple[datetime | None, ledge
             return newest.scalar(), ledger.head(conn)
     except IngestError:
         return None, None
+
+
+def _coverage(warehouse: Warehouse, settings: Settings) -> list[coverage.Coverage] | None:
+    """For the coverage metrics; None when the warehouse cannot be read."""
+    try:
+        with warehouse.connect() as conn:
+            return coverage.streams(conn, now=int(time.time()), retention=int(settings.retention))
+    except IngestError:
+        return None
 
 
 def _duration(seconds: float) -> str:

@@ -836,6 +836,20 @@ class Simulator:
         with self._lock:
             self._add([self._record(ev) for ev in events])
 
+    def remove(self, ids: list[str]) -> None:
+        """Serve these events no more: tests stage an event the warehouse holds and the API does not."""
+        gone = set(ids)
+        with self._lock:
+            kept = [rec for base in self._base.values() for rec in base if rec.id not in gone]
+            self._base, self._by_id = {False: [], True: []}, {}
+            self._postings = {d: {} for d in _DIMENSIONS}
+            self._add(kept)
+
+    def replace(self, event: dict) -> None:
+        """Serve `event` instead of the held event with its id: tests stage an event changed upstream."""
+        self.remove([event["id"]])
+        self.insert([event])
+
     # -- request handling --------------------------------------------------------------------------
     def handle(self, method: str, path: str, query: str, headers: Mapping[str, str]) -> Response:
         route = path.rstrip("/") or "/"

@@ -3,7 +3,8 @@
 A sweep covers [gte, lte] (Unix seconds, inclusive) newest first, following `after`. Its bounds and
 cursor live in `sync_state` and commit in the same transaction as the rows of the pages before the
 cursor, so a killed run resumes exactly where its last commit left it. When the sweep completes, the
-incremental checkpoint moves to the sweep's upper bound; the next sweep starts `lookback` before it.
+incremental checkpoint moves to the sweep's upper bound; the next sweep starts `lookback` before it. The
+completed window joins the stream's coverage (ingest.coverage) in that same transaction (`complete`).
 A backfill sweeps time slices of a past window concurrently, each with a state row of its own.
 The engine names no event type: `model.normalise` turns events into rows.
 """
@@ -27,7 +28,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from ingest import backends, batchlog, ledger, model, store
+from ingest import backends, batchlog, coverage, ledger, model, store
 from ingest.api import PAGE_SIZE, Client, Page, Query, fetch_pages
 from ingest.config import Settings, Source
 from ingest.errors import ApiError, BadResponseError, ConfigError, CursorRejected, Failure, IngestError, Interrupted
@@ -217,7 +218,7 @@ def sync_source(
                                         parts = _split(conn, state, key, splitter)
                             if parts:
                                 _pool(warehouse, client, [(p, filters) for p in parts], summary, settings.workers,
-                                      stop or threading.Event(), on_progress)  # fmt: skip
+                                      stop or threading.Event(), on_progress, settings.retention)  # fmt: skip
                         except ApiError as exc:
                             if not (key.tenant and exc.failure in NO_TENANT and summary.pages):
                                 raise
@@ -225,9 +226,22 @@ def sync_source(
                             break
                         with conn.begin():
                             _drop_parts(conn, key)
-                            state.finish()
-                            state.save(conn)
+                            complete(conn, state, settings.retention)
     return summary
+
+
+def complete(conn: sa.Connection, state: SweepState, retention: float) -> None:
+    """The sweep is complete (in the caller's transaction): its window joins the stream's coverage, and its
+    state moves on. A sweep without a lower bound (a first sync, the oldest slice of a split one) covered all
+    the API still held when it ended: from `retention` before now, or from its top if that is older."""
+    key = Key.parse(state.key)
+    assert state.sweep_lte is not None, "a sweep in progress has an upper bound"
+    lte = state.sweep_lte
+    gte = state.sweep_gte if state.sweep_gte is not None else min(lte, int(time.time() - retention))
+    kind = "first sync" if key.kind == "incremental" and state.checkpoint is None else key.kind
+    coverage.record(conn, key.name, key.tenant, gte, lte, kind)
+    state.finish()
+    state.save(conn)
 
 
 @dataclass
@@ -371,13 +385,13 @@ def backfill_source(
             pending = _slices(conn, source, since, until, workers)
         for state, _ in pending:  # the whole remaining window is known now: progress has a total from the start
             summary.coverage[state.key] = (0, state.width)
-        _pool(warehouse, client, pending, summary, workers, stop, on_progress)
+        _pool(warehouse, client, pending, summary, workers, stop, on_progress, settings.retention)
     return summary
 
 
 def _pool(
     warehouse: store.Warehouse, client: Client, pending: list[tuple[SweepState, Query]], summary: RunSummary,
-    workers: int, stop: threading.Event, on_progress: Progress | None,
+    workers: int, stop: threading.Event, on_progress: Progress | None, retention: float,
 ) -> None:  # fmt: skip
     """Sweeps the slices in a pool of `workers` threads, each with its own connection, sharing `client` (and so
     its rate-limit pause and requests in flight) and one write lock; each slice's row is finished when done."""
@@ -387,8 +401,7 @@ def _pool(
         with warehouse.connect() as conn:
             sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, lock=lock)
             with lock, conn.begin():
-                state.finish()
-                state.save(conn)
+                complete(conn, state, retention)
 
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="slice") as pool:
         futures = [pool.submit(run_slice, state, filters) for state, filters in pending]
@@ -559,14 +572,7 @@ def _normalise(pages: list[Page], source: str, dialect: str, lock: threading.Loc
 
 def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSummary, lock: threading.Lock) -> None:
     def write() -> set[str]:
-        seq = batchlog.take(conn)
-        new = store.save_batch(conn, batch.rows, seq)
-        if new:
-            span = store.span_of(batch.rows.events, new)
-            batchlog.record(conn, seq, state.source, state.key, len(new), span)
-            ledger.record(conn, seq, state.source, ledger.batch_digests(batch.rows.events, new))
-        else:
-            batchlog.give_back(conn, seq)
+        new = write_batch(conn, state.source, state.key, batch.rows)
         if batch.rejected:
             store.save_rejected(conn, state.source, batch.rejected)
         state.sweep_cursor = batch.cursor
@@ -591,6 +597,26 @@ def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSum
 
 
 _mismatch_logged: set[str] = set()  # once per type per process
+
+
+def write_batch(conn: sa.Connection, source: str, state_key: str, rows: model.Batch) -> set[str]:
+    """The one write path of events (in the caller's transaction): the rows, and their batch's entries in the
+    committed-batch log and the ledger when they store any; the ids of the new events."""
+    seq = batchlog.take(conn)
+    new = store.save_batch(conn, rows, seq)
+    if new:
+        batchlog.record(conn, seq, source, state_key, len(new), store.span_of(rows.events, new))
+        ledger.record(conn, seq, source, ledger.batch_digests(rows.events, new))
+    else:
+        batchlog.give_back(conn, seq)
+    return new
+
+
+def store_events(conn: sa.Connection, source: str, state_key: str, events: list[dict]) -> set[str]:
+    """Events served outside a sweep (a reconciliation's repair), normalised and written as a sweep's batch
+    (in the caller's transaction); the ids of the new ones."""
+    rows = store.stage(conn.dialect.name, model.normalise(events, source, store.now()))
+    return write_batch(conn, source, state_key, rows)
 
 
 def _ahead(items: Iterator, depth: int) -> Iterator:

@@ -39,7 +39,9 @@ def test_the_docstring_tree_names_every_exception_with_its_exit_code():
     classes = {
         name: cls for name, cls in vars(errors).items() if inspect.isclass(cls) and issubclass(cls, errors.IngestError)
     }
-    tree = {m[1]: m[2] for m in re.finditer(r"(\w+Error|Interrupted|CursorRejected)\s+(\d*)\s", errors.__doc__)}
+    tree = {
+        m[1]: m[2] for m in re.finditer(r"(\w+Error|Interrupted|CursorRejected|VerifyFailed)\s+(\d*)\s", errors.__doc__)
+    }
     assert set(tree) == set(classes)
     for name, cls in classes.items():
         if tree[name]:

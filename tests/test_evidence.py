@@ -88,6 +88,9 @@ def test_evidence_of_a_window_checks_with_ssh_keygen_and_sha256sum_and_holds_the
         text = f"{b['prev_hash']}\n{b['seq']}\n{b['source']}\n{b['events']}\n{b['events_hash']}"
         assert hashlib.sha256(text.encode()).hexdigest() == b["hash"] == stored[b["seq"]]
     assert manifest["ledger"]["chain_head"]["hash"] == stored[max(stored)]
+    # The first sync covered the window on both streams: no gap.
+    assert manifest["coverage"] == [{"stream": "default", "complete": True, "gaps": []},
+                                    {"stream": "default#tenant", "complete": True, "gaps": []}]  # fmt: skip
 
     # A changed byte of the manifest: OpenSSH refuses it.
     (out / "manifest.json").write_text((out / "manifest.json").read_text().replace('"count": ', '"count": 1'))

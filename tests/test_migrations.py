@@ -199,6 +199,15 @@ def test_upgrade_from_an_earlier_revision_keeps_the_data(revision, simulator, db
     # The migration ledgers what was stored: the chain verifies, over every event.
     verified = cli("verify", env={"AUDIT_INGEST_DATABASE_URL": db_url})
     assert verified.returncode == 0 and verified.stdout.startswith("verified 600 events"), verified.stdout
+    if int(revision) < 10:
+        # Coverage seeded per stream: from its oldest stored event up to its checkpoint.
+        checkpoints = {r["key"]: r["checkpoint"] for r in upgraded_rows["sync_state"] if r["kind"] == "incremental"}
+        oldest: dict[str, int] = {}
+        for e in upgraded_rows["audit_events"]:
+            stream = e["source"] + ("#tenant" if model.is_tenant_scoped(e["type"]) else "")
+            oldest[stream] = min(oldest.get(stream, checkpoints[stream]), int(e["raw"]["effective_at"]))
+        windows = {(w["stream"], w["gte"], w["lte"]) for w in upgraded_rows["sweep_windows"]}
+        assert windows == {(k, oldest[k], c) for k, c in checkpoints.items()}
     if int(revision) < 4:
         # Events stored before the batch log: one batch per source and stream, every event in one.
         batches = upgraded_rows["ingest_batches"]
@@ -211,21 +220,16 @@ def test_upgrade_from_an_earlier_revision_keeps_the_data(revision, simulator, db
 
 # What the revisions after 0003 add: a downgrade to 0002 has none of it.
 LATER_TABLES = (
-    "ingest_batches",
-    "ingest_batch_counter",
-    "alerts",
-    "alert_deliveries",
-    "sink_status",
-    "ingest_ledger",
-    "ingest_ledger_entries",
-)
+    "ingest_batches", "ingest_batch_counter", "alerts", "alert_deliveries", "sink_status", "ingest_ledger",
+    "ingest_ledger_entries", "sweep_windows", "reconcile_findings",
+)  # fmt: skip
 LATER_COLUMNS = ("batch_seq", "unavailable")
 
 
 def without_batches(rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """The rows but the committed-batch log's and the ledger's, which a migration numbers anew (one batch per
-    stream)."""
-    log = {"ingest_batches", "ingest_batch_counter", "ingest_ledger", "ingest_ledger_entries"}
+    stream), and the coverage, which migration 0010 seeds from the checkpoints and stored events."""
+    log = {"ingest_batches", "ingest_batch_counter", "ingest_ledger", "ingest_ledger_entries", "sweep_windows"}
     return {
         name: [{k: v for k, v in r.items() if k != "batch_seq"} for r in table]
         for name, table in rows.items()
