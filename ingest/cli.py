@@ -196,8 +196,8 @@ def verify(
     warehouse = _warehouse(settings)
     waiting(wait, warehouse.ensure_schema)  # a database from before the ledger is ledgered first
     result = waiting(wait, lambda: verifying.run(warehouse, typed=not events_only))
-    for finding in result.findings:
-        click.echo(finding.line())
+    for changed in result.findings:
+        click.echo(changed.line())
     if result.findings:
         raise VerifyFailed(f"{len(result.findings):,} findings in {result.events:,} events (above, one per line)")
     click.echo(result.line())
