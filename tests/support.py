@@ -75,6 +75,31 @@ def logged_events(url: str) -> list:
         warehouse.dispose()
 
 
+def alembic_config():
+    from alembic.config import Config
+
+    from ingest import store
+
+    config = Config()
+    config.set_main_option("script_location", str(store.MIGRATIONS))
+    return config
+
+
+def migrate(url: str, action: str, revision: str, schema: str | None = None) -> None:
+    """Alembic's upgrade or downgrade, on the connection Warehouse gives it (as `db upgrade` does), running
+    every migration (`Warehouse.upgrade` builds a new database from the model instead)."""
+    from alembic import command
+
+    config = alembic_config()
+    warehouse = Warehouse(url, schema)
+    try:
+        with warehouse.connect() as conn, conn.begin():
+            config.attributes.update(connection=conn, schema=schema)
+            getattr(command, action)(config, revision)
+    finally:
+        warehouse.dispose()
+
+
 def select(url: str, query) -> list:
     """The rows of a query, read back from the warehouse."""
     warehouse = Warehouse(url)

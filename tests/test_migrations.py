@@ -9,19 +9,12 @@ import duckdb
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from support import KEY, cli, sync
+from support import KEY, alembic_config, cli, migrate, sync
 
 from ingest import model, store
 from ingest.store import Warehouse
-
-
-def alembic_config() -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(store.MIGRATIONS))
-    return config
 
 
 def scripts() -> ScriptDirectory:
@@ -57,21 +50,6 @@ def duckdb_catalog(path) -> dict[str, tuple]:
             ).fetchall()
             catalog[table] = (columns, constraints, indexes)
     return catalog
-
-
-def migrate(url: str, action: str, revision: str, schema: str | None = None) -> None:
-    """Alembic's upgrade or downgrade, on the connection Warehouse gives it (as `db upgrade` does), running
-    every migration (`Warehouse.upgrade` builds a new database from the model instead)."""
-    from alembic import command
-
-    config = alembic_config()
-    warehouse = Warehouse(url, schema)
-    try:
-        with warehouse.connect() as conn, conn.begin():
-            config.attributes.update(connection=conn, schema=schema)
-            getattr(command, action)(config, revision)
-    finally:
-        warehouse.dispose()
 
 
 def upgraded(url: str) -> None:
@@ -170,7 +148,8 @@ def copy_rows(source_url: str, target_url: str) -> None:
                 if names and rows[table.name]:
                     older = sa.Table(table.name, sa.MetaData(), *(sa.Column(n, table.c[n].type) for n in names))
                     json = {n for n in names if isinstance(table.c[n].type, sa.JSON)}  # the write path takes JSON text
-                    values = [{n: model.dumps(r[n]) if n in json else r[n] for n in names} for r in rows[table.name]]
+                    values = [{n: model.dumps(r[n]) if n in json and r[n] is not None else r[n] for n in names}
+                              for r in rows[table.name]]  # fmt: skip
                     store.insert_rows(conn, older, values, absent=True)  # an empty database
     finally:
         warehouse.dispose()
