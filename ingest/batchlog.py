@@ -47,6 +47,15 @@ def take(conn: sa.Connection) -> int:
     return conn.execute(upsert.returning(counter.c.seq)).scalar_one()
 
 
+def hold(conn: sa.Connection) -> None:
+    """Holds the counter row's lock until the transaction ends, as `take` does, without taking a number. Writers
+    of what several ingesters share besides events (coverage) hold it first, so that they run one at a time and,
+    taking their row locks after this one in every transaction, never deadlock."""
+    counter = model.ingest_batch_counter
+    upsert = pg_insert(counter).values(id=1, seq=0)
+    conn.execute(upsert.on_conflict_do_update(index_elements=["id"], set_={"seq": counter.c.seq}))
+
+
 def give_back(conn: sa.Connection, seq: int) -> None:
     """A batch that stored nothing gets no number: the log lists only batches with events."""
     counter = model.ingest_batch_counter

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from ingest import model
+from ingest import batchlog, model
 from ingest.state import TENANT
 from ingest.store import insert_rows, now
 
@@ -45,6 +45,7 @@ def record(conn: sa.Connection, source: str, tenant: bool, gte: int, lte: int, k
     """Adds [gte, lte] to the stream's coverage, in the caller's transaction: the rows it overlaps or touches are
     replaced by one row of their union."""
     assert gte <= lte, f"an empty window [{gte}, {lte}]"
+    batchlog.hold(conn)  # first: concurrent ingesters merging windows of one stream would deadlock
     table, stream = model.sweep_windows, stream_key(source, tenant)
     touching = sa.and_(table.c.stream == stream, table.c.gte <= lte + 1, table.c.lte >= gte - 1)
     for found in conn.execute(sa.select(table.c.gte, table.c.lte).where(touching)):

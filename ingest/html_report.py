@@ -123,12 +123,9 @@ class Extension:
     order_by: str | None = None  # newest first by this column, when the table has it
 
 
-# ---- EXTENSION POINT: alerts (detections) and verify status (the ledger) are added by their own issues.
-# Each gets a section showing its table's latest rows; replace an entry by a richer declaration when it lands.
-EXTENSIONS: tuple[Extension, ...] = (
-    Extension("alerts", "Alerts", "alerts", order_by="created_at"),
-    Extension("verify", "Verify status", "ingest_ledger", order_by="verified_at"),
-)
+# ---- EXTENSION POINT: a feature's table shown as its latest rows, until a richer declaration replaces it.
+EXTENSIONS: tuple[Extension, ...] = (Extension("alerts", "Alerts", "alerts", order_by="created_at"),)
+LEDGER_ROWS = 10  # the newest batches the ledger section lists
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -323,10 +320,31 @@ def extension(conn: sa.Connection, ext: Extension, schema: str | None) -> Render
     return Rendered(ext.id, ext.title, "", [out])
 
 
+def ledger(conn: sa.Connection) -> Rendered:
+    """The ledger's chain head and newest batches: what `audit-ingest verify` recomputes (not run here: it reads
+    every stored event)."""
+    table, batches = model.ingest_ledger, model.ingest_batches
+    count, events = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(table.c.events), 0))).one()
+    rows = conn.execute(
+        sa.select(table.c.seq, table.c.source, table.c.events, batches.c.committed_at, table.c.hash)
+        .join(batches, batches.c.seq == table.c.seq)
+        .order_by(table.c.seq.desc())
+        .limit(LEDGER_ROWS)
+    ).all()
+    out = Table("verify", ["batch", "source", "events", "committed", "hash"])
+    for r in rows:
+        committed = r.committed_at.strftime("%Y-%m-%d %H:%M:%S")
+        out.rows.append((str(r.seq), {"batch": r.seq, "source": r.source, "events": r.events, "committed": committed,
+                                      "hash": r.hash}))  # fmt: skip
+    head = rows[0].hash if rows else "none yet"
+    out.note = f"chain head {head} over {events:,} events in {count:,} batches; `audit-ingest verify` recomputes it"
+    return Rendered("verify", "The ledger", "", [out])
+
+
 # ------------------------------------------------------------------------------------------ build
 def build(conn: sa.Connection, window: Window, status: list[dict], schema: str | None) -> list[Rendered]:
     sections = [RENDERERS[type(s)](conn, s, window) for s in SECTIONS]
-    sections.append(health(status, every_event(sections)))
+    sections += [health(status, every_event(sections)), ledger(conn)]
     sections += [r for ext in EXTENSIONS if (r := extension(conn, ext, schema)) is not None]
     return sections
 

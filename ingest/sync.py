@@ -225,14 +225,14 @@ def sync_source(
                             _unavailable(conn, state, exc, summary)
                             break
                         with conn.begin():
+                            complete(conn, state, settings.retention)  # its locks first (coverage.record)
                             _drop_parts(conn, key)
-                            complete(conn, state, settings.retention)
     return summary
 
 
 def complete(conn: sa.Connection, state: SweepState, retention: float) -> None:
-    """The sweep is complete (in the caller's transaction): its window joins the stream's coverage, and its
-    state moves on. A sweep without a lower bound (a first sync, the oldest slice of a split one) covered all
+    """The sweep is complete (in the caller's transaction, first in it: see coverage.record): its window joins the
+    stream's coverage, and its state moves on. A sweep without a lower bound (a first sync, the oldest slice of a split one) covered all
     the API still held when it ended: from `retention` before now, or from its top if that is older."""
     key = Key.parse(state.key)
     assert state.sweep_lte is not None, "a sweep in progress has an upper bound"
