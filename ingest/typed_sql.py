@@ -113,7 +113,7 @@ class _PostgreSQL:
         return x  # jsonb compares by value
 
 
-DIALECTS = {"duckdb": _DuckDB(), "postgresql": _PostgreSQL()}
+DIALECTS: dict[str, Any] = {"duckdb": _DuckDB(), "postgresql": _PostgreSQL()}
 
 
 def _path(*keys: str) -> str:

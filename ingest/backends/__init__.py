@@ -62,6 +62,9 @@ class Backend(Protocol):
     ) -> Iterator[pa.RecordBatch]:
         """`audit_events` of [since, until), oldest first, as Arrow record batches of `arrow_schema`."""
 
+    def all_cores(self, conn: sa.Connection) -> AbstractContextManager[None]:
+        """A long read (verify, rebuild-typed) with every core the engine may use, for the block."""
+
     def batch_hashes(self, conn: sa.Connection) -> dict[int | None, tuple[int, str]] | None:
         """Per `batch_seq`: (events, SHA-256 of their ledger entries), computed in the engine; None where the
         engine does not keep the canonical text (ingest.verify computes it then)."""

@@ -209,9 +209,17 @@ def batch_hashes(conn: sa.Connection) -> dict[int | None, tuple[int, str]]:
     entry = ev.c.id + sa.literal(" ") + sa.func.sha256(line) + sa.literal("\n")
     entries = sa.func.string_agg(entry, aggregate_order_by(sa.literal(""), ev.c.id))
     query = sa.select(ev.c.batch_seq, sa.func.count(), sa.func.sha256(entries)).group_by(ev.c.batch_seq)
+    with all_cores(conn):
+        return {seq: (n, h) for seq, n, h in conn.execute(query)}
+
+
+@contextmanager
+def all_cores(conn: sa.Connection) -> Iterator[None]:
+    """A read of the whole warehouse (verify) in every core, with room for its hash tables: the writer's settings
+    (CONFIG) suit small inserts, not that; they are set back after it."""
     driver = _driver(conn)
     driver.execute(f"SET threads TO {os.cpu_count() or 1}; SET memory_limit = '{MEMORY_LIMIT_MAX // 2**20}MB'")
     try:
-        return {seq: (n, h) for seq, n, h in conn.execute(query)}
+        yield
     finally:
         driver.execute(f"SET threads TO {CONFIG['threads']}; SET memory_limit = '{CONFIG['memory_limit']}'")

@@ -212,6 +212,11 @@ def read_events(conn: sa.Connection, schema: str | None, since, until, arrow_sch
         )
 
 
+@contextmanager
+def all_cores(conn: sa.Connection) -> Iterator[None]:
+    yield  # the server plans its own parallel workers
+
+
 def batch_hashes(conn: sa.Connection) -> None:
     """None: `raw` is JSONB, whose text is not the canonical text the ledger hashed; ingest.verify computes it."""
     return None
