@@ -80,7 +80,8 @@ def test_engine_derived_typed_rows_equal_model_typed_rows_of_the_stored_raw(ware
 
 
 def as_text(select: sa.Select) -> sa.Select:
-    """JSON columns as text, parsed by `rows` with numbers as decimals (each engine spells them its own way)."""
+    """JSON columns as text, parsed by `rows` with numbers as decimals: each engine spells them its own way (DuckDB
+    writes -1.2957141257881332e+16 as -12957141257881332.0), the value is the same."""
     sub = select.subquery()
     return sa.select(*(sa.cast(c, sa.Text).label(c.name) if isinstance(c.type, sa.JSON) else c for c in sub.c))
 
@@ -89,7 +90,11 @@ def rows(found, table: sa.Table) -> list[tuple]:
     def value(row, column: sa.Column):
         v = row[column.name]
         if isinstance(column.type, sa.JSON) and v is not None:
-            return json.dumps(json.loads(v, parse_float=Decimal, parse_int=Decimal), sort_keys=True, default=str)
+            return json.dumps(
+                json.loads(v, parse_float=Decimal, parse_int=Decimal),
+                sort_keys=True,
+                default=lambda d: str(d.normalize()),
+            )
         return v
 
     return sorted((tuple(value(r, c) for c in table.columns) for r in found), key=repr)
