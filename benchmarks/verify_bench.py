@@ -5,7 +5,8 @@
 A real sync of `--events` from the simulator fills the warehouse (DuckDB in a temporary file; PostgreSQL in a
 database of its own at 127.0.0.1:5432, dropped afterwards), every batch ledgered by the write path. Then, each
 `--repeat` times, in this process: reading every event's `raw` back (streamed in chunks, values as the driver
-returns them: the baseline); `verify --events-only` (the chain and every event's digest); `verify` (also every
+returns them: the baseline); `db rebuild-typed` (`store.rebuild_typed`, every typed row derived again from raw;
+the `verify` runs after it check what it wrote); `verify --events-only` (the chain and every event's digest); `verify` (also every
 typed row derived again from raw). Prints the medians, the ratios, and MET / NOT MET for each; exits 1 when the
 full `verify` misses the target.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import psycopg
 import sqlalchemy as sa
 
-from ingest import model, verify
+from ingest import model, store, verify
 from ingest.config import load_settings
 from ingest.simulator import Simulator, SimulatorServer
 from ingest.store import Warehouse
@@ -51,6 +52,11 @@ def read_raw(warehouse: Warehouse) -> int:
         return sum(1 for _ in rows)
 
 
+def rebuild_typed(warehouse: Warehouse) -> int:
+    with warehouse.connect() as conn, conn.begin():
+        return store.rebuild_typed(conn)
+
+
 def timed(work) -> tuple[float, object]:
     t0 = time.perf_counter()
     result = work()
@@ -63,11 +69,19 @@ def measure(name: str, url: str, events: int, repeat: int) -> bool:
     print(f"{name}: {events:,} events synced in {time.monotonic() - started:.1f} s")
     warehouse = Warehouse(url)
     try:
-        times: dict[str, list[float]] = {"read raw back": [], "verify --events-only": [], "verify": []}
+        times: dict[str, list[float]] = {
+            "read raw back": [],
+            "rebuild-typed": [],
+            "verify --events-only": [],
+            "verify": [],
+        }
         for _ in range(repeat):
             seconds, count = timed(lambda: read_raw(warehouse))
             assert count == events, count
             times["read raw back"].append(seconds)
+            seconds, count = timed(lambda: rebuild_typed(warehouse))
+            assert count == events, count
+            times["rebuild-typed"].append(seconds)
             for label, typed in (("verify --events-only", False), ("verify", True)):
                 seconds, result = timed(lambda typed=typed: verify.run(warehouse, typed=typed))
                 assert not result.findings and result.events == events, result.line()  # type: ignore[attr-defined]
@@ -79,7 +93,9 @@ def measure(name: str, url: str, events: int, repeat: int) -> bool:
     for label, values in times.items():
         median = statistics.median(values)
         line = f"{name}: {label:<22} {median:7.2f} s (median of {repeat})"
-        if label != "read raw back":
+        if label == "rebuild-typed":
+            line += f"  {events / median:,.0f} events/s"
+        elif label != "read raw back":
             ratio = median / base
             ok = ratio <= TARGET
             met &= ok or label != "verify"

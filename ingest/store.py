@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from ingest import backends, model
+from ingest import backends, model, typed_sql
 from ingest.backends.common import is_arrow, json_text
 from ingest.errors import ConfigError, DatabaseError
 
@@ -286,30 +286,13 @@ def save_rejected(conn: sa.Connection, source: str, rejected: list[tuple[str, st
     insert_rows(conn, model.rejected_events, list(rows.values()))
 
 
-def rebuild_typed(conn: sa.Connection, chunk: int = 5000) -> int:
-    """Re-derives every typed row from `raw` (after a model change); needs no API call."""
-    import orjson
-
-    for table in reversed(model.TYPED_TABLES):
-        conn.execute(table.delete())
-    events = model.audit_events
-    count, last = 0, ""
-    while True:
-        rows = conn.execute(
-            sa.select(events.c.id, events.c.source, events.c.raw, events.c.ingested_at)
-            .where(events.c.id > last)
-            .order_by(events.c.id)
-            .limit(chunk)
-        ).all()
-        if not rows:
-            return count
-        batch = model.Batch(typed={t.name: [] for t in model.TYPED_TABLES})
-        for row in rows:
-            raw = row.raw if isinstance(row.raw, dict) else orjson.loads(row.raw)
-            family = model.FAMILY_OF_TYPE.get(str(raw.get("type")))
-            if family is not None:
-                model.typed_rows(batch.typed, family, row.id, raw.get(raw["type"]))
+def rebuild_typed(conn: sa.Connection) -> int:
+    """Re-derives every typed row from `raw` (after a model change), in the engine (ingest.typed_sql); needs no API
+    call. Returns the number of stored events."""
+    derived = typed_sql.derivations(conn.dialect.name)
+    with backends.for_dialect(conn.dialect.name).all_cores(conn):
+        for table in reversed(model.TYPED_TABLES):
+            conn.execute(table.delete())
         for table in model.TYPED_TABLES:
-            insert_rows(conn, table, batch.typed[table.name], absent=True)
-        count += len(rows)
-        last = rows[-1].id
+            conn.execute(table.insert().from_select([c.name for c in table.columns], derived[table.name]))
+    return conn.execute(sa.select(sa.func.count()).select_from(model.audit_events)).scalar_one()

@@ -5,7 +5,8 @@ Findings, one per changed thing, each naming an event id:
 - `missing`: a ledgered event is gone;
 - `unledgered`: a stored event that no ledgered batch accounts for;
 - `broken chain`: a ledger row changed, or one is gone (named by its batch's first event);
-- `typed rows disagree with raw`: a typed table's rows of the event are not what its raw derives.
+- `typed rows disagree with raw`: a typed table's rows of the event are not what its raw derives (derived and
+  compared in the engine: ingest.typed_sql).
 
 The fast path recomputes each batch's hash in the engine (`Backend.batch_hashes`); only a batch whose hash
 differs is read back event by event, to name what changed.
@@ -13,14 +14,12 @@ differs is read back event by event, to name what changed.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from ingest import backends, batchlog, ledger, model, store
-from ingest.backends.common import TABLES
+from ingest import backends, batchlog, ledger, model, store, typed_sql
 
 CHUNK = 10_000  # events read back per fetch
 
@@ -171,84 +170,26 @@ def _events_of(conn: sa.Connection, seq: int | None, row) -> list[Finding]:
 
 
 def _typed(conn: sa.Connection) -> list[Finding]:
-    """Typed rows compared with what each event's raw derives: per table and batch, as an order-free fingerprint
-    of the rows (a sum of their hashes); a batch that differs is compared event by event. Python's hash is
-    enough: both sides are hashed in this process, with a seed an attacker does not know."""
-    derived: Counter = Counter()
-    for row in _stored(conn, sa.true()):
-        for name, rows in _derive(row.id, row.raw).items():
-            values = _VALUES[name]
-            derived[name, row.batch_seq] += sum(hash(values(r)) for r in rows)
-    stored: Counter = Counter()
-    for table in model.TYPED_TABLES:
-        values = _VALUES[table.name]
-        for seq, rows in _typed_rows_by(conn, table, sa.true(), "batch_seq").items():
-            stored[table.name, seq] += sum(hash(values(r)) for r in rows)
-    differing = {k for k in derived.keys() | stored.keys() if derived[k] % _MOD != stored[k] % _MOD}
+    """Typed rows compared with what each event's raw derives, in the engine (ingest.typed_sql): per table, both
+    sides' rows counted +1 (stored) and -1 (derived) in one aggregate; a row whose count is not 0 is in one side
+    more often than in the other (EXCEPT ALL both ways, with each side computed once), and its event is named."""
+    dialect = conn.dialect.name
+    engine, derived = typed_sql.DIALECTS[dialect], typed_sql.derivations(dialect)
+    ev = model.audit_events
+
+    def side(columns, sign: int) -> sa.Select:
+        values = [engine.normal(c).label(c.name) if isinstance(c.type, sa.JSON) else c for c in columns]
+        return sa.select(*values, sa.literal(sign).label("side"))
+
     findings = []
-    for name, seq in sorted(differing, key=lambda k: (k[0], -1 if k[1] is None else k[1])):
-        findings += _typed_events(conn, TABLES[name], seq)
+    for table in sorted(model.TYPED_TABLES, key=lambda t: t.name):
+        ours = derived[table.name].subquery()
+        both = sa.union_all(
+            side(table.columns, 1).join(ev, ev.c.id == table.c.event_id),
+            side([ours.c[c.name] for c in table.columns], -1),
+        ).subquery()
+        counted = sa.select(both.c.event_id).group_by(*(both.c[c.name] for c in table.columns))
+        differ = counted.having(sa.func.sum(both.c.side) != 0).subquery()
+        ids = conn.execute(sa.select(differ.c.event_id).distinct().order_by(differ.c.event_id)).scalars()
+        findings += [Finding(i, "typed rows disagree with raw", table.name) for i in ids]
     return findings
-
-
-_MOD = 2**64
-
-
-def _derive(event_id: str, raw: object) -> dict[str, list[dict]]:
-    event = ledger.parsed(raw)
-    family = model.FAMILY_OF_TYPE.get(str(event.get("type")))
-    if family is None:
-        return {}
-    typed: dict[str, list[dict]] = {name: [] for name in _TABLES_OF[family.table]}
-    model.typed_rows(typed, family, event_id, event.get(event["type"]))
-    return typed
-
-
-_TABLES_OF = {f.table: (f.table, *(lst.table for lst in f.lists)) for f in model.FAMILIES}
-
-
-def _typed_rows_by(conn: sa.Connection, table: sa.Table, where: sa.ColumnElement, key: str) -> dict:
-    """The stored rows of `table` whose event is `where`, grouped by `key` (the event's batch_seq, or event_id)."""
-    ev = model.audit_events
-    columns = [sa.cast(c, sa.Text).label(c.name) if isinstance(c.type, sa.JSON) else c for c in table.columns]
-    query = sa.select(ev.c.batch_seq, *columns).join(ev, ev.c.id == table.c.event_id).where(where)
-    out: dict = {}
-    for row in conn.execution_options(yield_per=CHUNK).execute(query):
-        out.setdefault(row._mapping[key], []).append(row._mapping)
-    return out
-
-
-def _values_of(table: sa.Table):
-    """A function of a row (a dict, or a stored row's mapping) to its values in a form both sides share: JSON
-    columns as canonical text."""
-    names = [c.name for c in table.columns]
-    json_columns = {c.name for c in table.columns if isinstance(c.type, sa.JSON)}
-    if not json_columns:
-        return lambda row: tuple(row.get(n) for n in names)
-
-    def values(row) -> tuple:
-        return tuple(
-            model.canonical(ledger.parsed(row.get(n))) if n in json_columns and row.get(n) is not None else row.get(n)
-            for n in names
-        )
-
-    return values
-
-
-_VALUES = {t.name: _values_of(t) for t in model.TYPED_TABLES}
-
-
-def _typed_events(conn: sa.Connection, table: sa.Table, seq: int | None) -> list[Finding]:
-    ev = model.audit_events
-    in_batch = ev.c.batch_seq.is_(None) if seq is None else ev.c.batch_seq == seq
-    values = _VALUES[table.name]
-    derived = {
-        row.id: Counter(map(values, _derive(row.id, row.raw).get(table.name, []))) for row in _stored(conn, in_batch)
-    }
-    rows = _typed_rows_by(conn, table, in_batch, "event_id")
-    stored = {event_id: Counter(map(values, found)) for event_id, found in rows.items()}
-    return [
-        Finding(i, "typed rows disagree with raw", table.name)
-        for i in sorted(derived.keys() | stored.keys())
-        if derived.get(i, Counter()) != stored.get(i, Counter())
-    ]

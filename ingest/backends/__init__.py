@@ -62,6 +62,9 @@ class Backend(Protocol):
     ) -> Iterator[pa.RecordBatch]:
         """`audit_events` of [since, until), oldest first, as Arrow record batches of `arrow_schema`."""
 
+    def all_cores(self, conn: sa.Connection) -> AbstractContextManager[None]:
+        """A long read (verify, rebuild-typed) with every core the engine may use, for the block."""
+
     def batch_hashes(self, conn: sa.Connection) -> dict[int | None, tuple[int, str]] | None:
         """Per `batch_seq`: (events, SHA-256 of their ledger entries), computed in the engine; None where the
         engine does not keep the canonical text (ingest.verify computes it then)."""
@@ -71,9 +74,6 @@ class Backend(Protocol):
 
     def sha256_hex(self, text: sa.ColumnElement) -> sa.ColumnElement:
         """The SHA-256 of a text, as 64 hex digits."""
-
-    def all_cores(self, conn: sa.Connection) -> AbstractContextManager[None]:
-        """For a read over the whole warehouse (verify): the engine's parallelism and memory for it."""
 
 
 def for_dialect(dialect: str) -> Backend:

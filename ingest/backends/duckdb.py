@@ -224,7 +224,8 @@ def sha256_hex(text: sa.ColumnElement) -> sa.ColumnElement:
 
 @contextmanager
 def all_cores(conn: sa.Connection) -> Iterator[None]:
-    """A read over the whole warehouse (verify) in all the machine's cores, with room for its aggregates."""
+    """A read of the whole warehouse (verify) in every core, with room for its hash tables: the writer's settings
+    (CONFIG) suit small inserts, not that; they are set back after it."""
     driver = _driver(conn)
     driver.execute(f"SET threads TO {os.cpu_count() or 1}; SET memory_limit = '{MEMORY_LIMIT_MAX // 2**20}MB'")
     try:

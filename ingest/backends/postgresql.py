@@ -212,6 +212,11 @@ def read_events(conn: sa.Connection, schema: str | None, since, until, arrow_sch
         )
 
 
+@contextmanager
+def all_cores(conn: sa.Connection) -> Iterator[None]:
+    yield  # the server plans its own parallel workers
+
+
 def batch_hashes(conn: sa.Connection) -> None:
     """None: `raw` is JSONB, whose text is not the canonical text the ledger hashed; ingest.verify computes it."""
     return None
@@ -227,8 +232,3 @@ def entries_text(event_id: sa.ColumnElement, digest: sa.ColumnElement) -> sa.Col
 
 def sha256_hex(text: sa.ColumnElement) -> sa.ColumnElement:
     return sa.func.encode(sa.func.sha256(sa.func.convert_to(text, "UTF8")), "hex")
-
-
-@contextmanager
-def all_cores(conn: sa.Connection) -> Iterator[None]:
-    yield  # the server plans its own parallel workers
