@@ -167,5 +167,7 @@ def test_a_warehouse_from_before_the_ledger_is_ledgered_by_its_migration(simulat
             assert not sa.inspect(conn).has_table("ingest_ledger")
     finally:
         warehouse.dispose()
-    assert cli("db", "upgrade", env={"AUDIT_INGEST_DATABASE_URL": db_url}).returncode == 0
+    upgrade = cli("db", "upgrade", env={"AUDIT_INGEST_DATABASE_URL": db_url})
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert re.search(r"ledgered the \d+ stored batches as they are now", upgrade.stderr)  # and says so
     assert assert_verified(db_url, 940) == chain_head_by_the_docs(db_url)

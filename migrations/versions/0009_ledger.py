@@ -11,6 +11,8 @@ Revises: 0008
 Create Date: 2026-12-03
 """
 
+import logging
+
 import sqlalchemy as sa
 from alembic import context, op
 
@@ -21,6 +23,7 @@ down_revision = "0008"
 branch_labels = None
 depends_on = None
 REBUILD_TYPED = True
+log = logging.getLogger("ingest.store")
 
 
 def upgrade() -> None:
@@ -49,7 +52,8 @@ def _ledger_stored_batches() -> None:
     schema = context.config.attributes.get("schema")
     batches = sa.table("ingest_batches", sa.column("seq"), sa.column("source"), schema=schema)
     events = sa.table("audit_events", *map(sa.column, ("id", "effective_at", "raw", "batch_seq")), schema=schema)
-    for seq, source in conn.execute(sa.select(batches.c.seq, batches.c.source).order_by(batches.c.seq)).all():
+    ledgered = conn.execute(sa.select(batches.c.seq, batches.c.source).order_by(batches.c.seq)).all()
+    for seq, source in ledgered:
         rows = conn.execute(
             sa.select(events.c.id, events.c.effective_at, events.c.raw).where(events.c.batch_seq == seq)
         ).all()
@@ -60,6 +64,12 @@ def _ledger_stored_batches() -> None:
             changed = {r.id: texts[r.id] for r in rows if r.raw != texts[r.id]}
             if changed:
                 _rewrite_raw(conn, schema, changed)
+    if ledgered:
+        log.info(
+            "ledgered the %d stored batches as they are now (events stored before migration 0004 in one batch per "
+            "source and stream): the ledger proves what changes from here on",
+            len(ledgered),
+        )
 
 
 def _rewrite_raw(conn, schema: str | None, texts: dict[str, str]) -> None:
