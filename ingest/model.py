@@ -870,6 +870,11 @@ def _shape(family: Family) -> _Shape:
     )
 
 
+def wrappers_of(family: Family) -> tuple[str, ...]:
+    """The wrapper objects whose fields `typed_rows` looks up after the payload's own (see the lookup rule)."""
+    return _shape(family).wrappers
+
+
 def _lookup(scopes: list[dict], name: str) -> Any:
     for scope in scopes:
         if name in scope:

@@ -174,7 +174,7 @@ def _typed(conn: sa.Connection) -> list[Finding]:
     sides' rows counted +1 (stored) and -1 (derived) in one aggregate; a row whose count is not 0 is in one side
     more often than in the other (EXCEPT ALL both ways, with each side computed once), and its event is named."""
     dialect = conn.dialect.name
-    engine, derived = typed_sql.DIALECTS[dialect], typed_sql.derivations(dialect)
+    engine, derived = typed_sql.json_sql(dialect), typed_sql.derivations(dialect)
     ev = model.audit_events
 
     def side(columns, sign: int) -> sa.Select:

@@ -232,3 +232,64 @@ def all_cores(conn: sa.Connection) -> Iterator[None]:
         yield
     finally:
         driver.execute(f"SET threads TO {CONFIG['threads']}; SET memory_limit = '{CONFIG['memory_limit']}'")
+
+
+# ------------------------------------------------------------------------ JSON in SQL (ingest.typed_sql)
+class _JsonSQL:
+    """JSON text and DuckDB's json functions. A path list parses raw once per event for all fields."""
+
+    json: Any = model.JSON
+
+    def found(self, family: model.Family, fields: list[str], where: sa.ColumnElement) -> sa.Subquery:
+        ev = model.audit_events
+        scopes = ["", *model.wrappers_of(family)]
+
+        def paths(event_type: str) -> sa.ColumnElement:
+            listed = ", ".join(_quote(_path(event_type, *filter(None, [s]), f)) for s in scopes for f in fields)
+            return sa.func.json_extract(ev.c.raw, sa.literal_column(f"[{listed}]"), type_=sa.ARRAY(self.json))
+
+        values = sa.case(*((ev.c.type == t, paths(t)) for t in family.types)).label("v")
+        step = sa.select(ev.c.id.label("event_id"), values).where(ev.c.type.in_(family.types), where).subquery("raw")
+        width = len(fields)
+
+        def lookup(i: int) -> sa.ColumnElement:
+            at = [sa.func.list_extract(step.c.v, s * width + i + 1, type_=self.json) for s in range(len(scopes))]
+            return sa.func.coalesce(*at, type_=self.json) if len(at) > 1 else at[0]
+
+        return sa.select(step.c.event_id, *(lookup(i).label(f"f{i}") for i in range(width))).subquery("found")
+
+    def convert(self, x: sa.ColumnElement, kind: str) -> sa.ColumnElement:
+        kind_of = sa.func.json_type(x)
+        if kind == "str":
+            return sa.case((kind_of == "VARCHAR", sa.func.json_extract_string(x, "$", type_=sa.Text)))
+        if kind == "int":  # positive integers are UBIGINT to DuckDB, up to 2**64 - 1; larger ones and 1.0 DOUBLE
+            fits = sa.or_(
+                kind_of == "BIGINT", sa.and_(kind_of == "UBIGINT", sa.cast(x, sa.Numeric(20, 0)) <= 2**63 - 1)
+            )
+            return sa.case((fits, sa.cast(x, sa.BigInteger)))
+        if kind == "bool":
+            return sa.case((kind_of == "BOOLEAN", sa.cast(x, sa.Boolean)))
+        return sa.case((kind_of == "OBJECT", x), else_=sa.null()).cast(self.json)
+
+    def elements(self, x: sa.ColumnElement) -> sa.TableValuedAlias:
+        items = sa.case((sa.func.json_type(x) == "ARRAY", sa.func.json_extract(x, "$[*]", type_=sa.ARRAY(self.json))))
+        return sa.func.unnest(items).table_valued("item", with_ordinality="ord").render_derived("items")
+
+    def member(self, item: sa.ColumnElement, name: str) -> sa.ColumnElement:
+        return sa.func.json_extract(item, _path(name), type_=self.json)
+
+    def normal(self, x: sa.ColumnElement) -> sa.ColumnElement:
+        # DuckDB's own serialisation of the value: stored canonical text and derived text then compare equal.
+        return sa.func.json_extract(x, "$", type_=self.json)
+
+
+JSON_SQL = _JsonSQL()
+
+
+def _path(*keys: str) -> str:
+    """A JSON path of quoted keys: event types have dots."""
+    return "$" + "".join('."' + k.replace('"', '\\"') + '"' for k in keys)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

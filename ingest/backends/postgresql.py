@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from ingest import model
 from ingest.backends.common import CHUNK, insert_statement, json_text, type_for, values_of
@@ -232,3 +233,51 @@ def entries_text(event_id: sa.ColumnElement, digest: sa.ColumnElement) -> sa.Col
 
 def sha256_hex(text: sa.ColumnElement) -> sa.ColumnElement:
     return sa.func.encode(sa.func.sha256(sa.func.convert_to(text, "UTF8")), "hex")
+
+
+# ------------------------------------------------------------------------ JSON in SQL (ingest.typed_sql)
+class _JsonSQL:
+    """jsonb and its operators: `->` is NULL for a missing key (or a non-object), JSON null otherwise."""
+
+    json: Any = JSONB
+
+    def found(self, family: model.Family, fields: list[str], where: sa.ColumnElement) -> sa.Subquery:
+        ev = model.audit_events
+        payload = ev.c.raw.op("->", return_type=JSONB)(ev.c.type).label("p")
+        step = sa.select(ev.c.id.label("event_id"), payload).where(ev.c.type.in_(family.types), where).subquery("raw")
+        scopes = [step.c.p, *(self.member(step.c.p, w) for w in model.wrappers_of(family))]
+        return sa.select(
+            step.c.event_id,
+            *(
+                sa.func.coalesce(*(self.member(s, f) for s in scopes), type_=JSONB).label(f"f{i}")
+                for i, f in enumerate(fields)
+            ),
+        ).subquery("found")
+
+    def convert(self, x: sa.ColumnElement, kind: str) -> sa.ColumnElement:
+        kind_of = sa.func.jsonb_typeof(x)
+        if kind == "str":
+            return sa.case((kind_of == "string", x.op("#>>", return_type=sa.Text)(sa.literal_column("'{}'"))))
+        if kind == "int":  # jsonb keeps a number's scale: 1.0 is text with a '.'
+            text = sa.cast(x, sa.Text)
+            integral = sa.and_(
+                kind_of == "number", sa.func.strpos(text, ".") == 0, sa.func.strpos(sa.func.lower(text), "e") == 0
+            )
+            fits = sa.and_(integral, sa.cast(text, sa.Numeric).between(-(2**63), 2**63 - 1))
+            return sa.case((fits, sa.cast(text, sa.BigInteger)))
+        if kind == "bool":
+            return sa.case((kind_of == "boolean", sa.cast(x, sa.Boolean)))
+        return sa.case((kind_of == "object", x), else_=sa.null()).cast(JSONB)
+
+    def elements(self, x: sa.ColumnElement) -> sa.TableValuedAlias:
+        items = sa.case((sa.func.jsonb_typeof(x) == "array", x), else_=sa.cast(sa.literal("[]"), JSONB))
+        return sa.func.jsonb_array_elements(items).table_valued("item", with_ordinality="ord").render_derived("items")
+
+    def member(self, item: sa.ColumnElement, name: str) -> sa.ColumnElement:
+        return item.op("->", return_type=JSONB)(sa.literal(name, sa.Text))
+
+    def normal(self, x: sa.ColumnElement) -> sa.ColumnElement:
+        return x  # jsonb compares by value
+
+
+JSON_SQL = _JsonSQL()
