@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from ingest import model
 from ingest.backends.common import is_arrow
+from ingest.store import insert_rows
 
 GENESIS = "0" * 64  # the previous hash of the first batch
 _SEP = "\x1f"
@@ -61,20 +62,19 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def batch_digests(rows, ids: set[str]) -> list[tuple[str, str]]:
-    """(id, digest) of the events `ids` among a batch's event rows (dicts, or the DuckDB backend's Arrow table),
-    whose `raw` is already canonical text (model.normalise writes it so)."""
+def batch_digests(rows) -> list[tuple[str, str]]:
+    """(id, digest) of event rows (dicts, or the DuckDB backend's Arrow table), whose `raw` is already canonical
+    text (model.normalise writes it so)."""
     if is_arrow(rows):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        chosen = rows.filter(pc.is_in(rows["id"], value_set=pa.array(list(ids), pa.string())))
-        seconds = pc.divide(chosen["effective_at"].cast(pa.int64()), 1_000_000)  # timestamp[us]
-        raw = chosen["raw"]
+        seconds = pc.divide(rows["effective_at"].cast(pa.int64()), 1_000_000)  # timestamp[us]
+        raw = rows["raw"]
         raw = raw.cast(pa.string()) if raw.type == pa.string() else pa.chunked_array([c.storage for c in raw.chunks])
-        triples: Iterator = zip(chosen["id"].to_pylist(), seconds.to_pylist(), raw.to_pylist(), strict=True)
+        triples: Iterator = zip(rows["id"].to_pylist(), seconds.to_pylist(), raw.to_pylist(), strict=True)
     else:
-        triples = ((r["id"], unix(r["effective_at"]), r["raw"]) for r in rows if r["id"] in ids)
+        triples = ((r["id"], unix(r["effective_at"]), r["raw"]) for r in rows)
     return [(event_id, digest(event_id, t, raw)) for event_id, t, raw in triples]
 
 
@@ -88,8 +88,6 @@ _EPOCH = datetime(1970, 1, 1)
 def record(conn: sa.Connection, seq: int, source: str, digests: list[tuple[str, str]]) -> str:
     """The ledger row and entries of batch `seq` (in its transaction, which holds the batch log's counter: every
     lower batch has committed its row); returns its hash."""
-    from ingest.store import insert_rows
-
     table = model.ingest_ledger
     prev = conn.execute(sa.select(table.c.hash).where(table.c.seq < seq).order_by(table.c.seq.desc()).limit(1))
     previous = prev.scalar() or GENESIS

@@ -237,7 +237,7 @@ def save_batch(conn: sa.Connection, batch: model.Batch, seq: int | None = None) 
     if new:
         for table in model.TYPED_TABLES:
             rows = batch.typed.get(table.name, [])
-            insert_rows(conn, table, _of(rows, new) if replayed else rows, absent=True)
+            insert_rows(conn, table, rows_of(rows, new) if replayed else rows, absent=True)
     for table in model.DIMENSIONS:
         insert_rows(conn, table, batch.dimensions.get(table.name, []), update=newest_wins(table))
     return new
@@ -254,25 +254,26 @@ def _with_seq(rows, seq: int | None):
     return rows.append_column("batch_seq", pa.repeat(pa.scalar(seq, pa.int64()), len(rows)))
 
 
-def span_of(rows, events: set[str]) -> tuple[datetime, datetime]:
-    """The earliest and latest effective_at of `events` among the batch's event rows."""
+def span_of(rows) -> tuple[datetime, datetime]:
+    """The earliest and latest effective_at among event rows (dicts, or the DuckDB backend's Arrow table)."""
     if not is_arrow(rows):
-        times = [r["effective_at"] for r in rows if r["id"] in events]
+        times = [r["effective_at"] for r in rows]
         return min(times), max(times)
     import pyarrow.compute as pc
 
-    bounds = pc.min_max(_of(rows.select(["id", "effective_at"]).rename_columns(["event_id", "at"]), events)["at"])
+    bounds = pc.min_max(rows["effective_at"])
     return bounds["min"].as_py(), bounds["max"].as_py()
 
 
-def _of(rows, events: set[str]):
-    """The typed rows of `events`."""
+def rows_of(rows, ids: set[str], key: str = "event_id"):
+    """The rows (dicts, or an Arrow table) whose `key` is one of `ids`: typed rows of some events, or (key `id`)
+    the events themselves."""
     if not is_arrow(rows):
-        return [r for r in rows if r["event_id"] in events]
+        return [r for r in rows if r[key] in ids]
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    return rows.filter(pc.is_in(rows["event_id"], value_set=pa.array(list(events), pa.string())))
+    return rows.filter(pc.is_in(rows[key], value_set=pa.array(list(ids), pa.string())))
 
 
 def save_rejected(conn: sa.Connection, source: str, rejected: list[tuple[str, str]]) -> None:

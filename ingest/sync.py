@@ -605,8 +605,9 @@ def write_batch(conn: sa.Connection, source: str, state_key: str, rows: model.Ba
     seq = batchlog.take(conn)
     new = store.save_batch(conn, rows, seq)
     if new:
-        batchlog.record(conn, seq, source, state_key, len(new), store.span_of(rows.events, new))
-        ledger.record(conn, seq, source, ledger.batch_digests(rows.events, new))
+        stored = store.rows_of(rows.events, new, key="id")
+        batchlog.record(conn, seq, source, state_key, len(new), store.span_of(stored))
+        ledger.record(conn, seq, source, ledger.batch_digests(stored))
     else:
         batchlog.give_back(conn, seq)
     return new
