@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
@@ -100,7 +99,7 @@ def read_after(conn: sa.Connection, after: int, *, max_events: int = 20000) -> l
         .where(ev.c.batch_seq.between(chosen[0].seq, chosen[-1].seq))
         .order_by(ev.c.batch_seq, ev.c.id)
     ):
-        events[seq].append(StoredEvent(event_id, at, raw if isinstance(raw, dict) else orjson.loads(raw)))
+        events[seq].append(StoredEvent(event_id, at, model.parsed(raw)))
     return [CommittedBatch(r.seq, r.source, r.state_key, r.committed_at, events[r.seq]) for r in chosen]
 
 

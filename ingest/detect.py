@@ -599,7 +599,7 @@ def _stored(conn: sa.Connection, lo: datetime, hi: datetime, types, last_seq: in
         prefixes = [ev.c.type.startswith(t[:-1], autoescape=True) for t in sorted(types) if t.endswith("*")]
         query = query.where(sa.or_(ev.c.type.in_(exact), *prefixes))
     for event_id, at, raw in conn.execute(query):
-        yield batchlog.StoredEvent(event_id, at, raw if isinstance(raw, dict) else orjson.loads(raw))
+        yield batchlog.StoredEvent(event_id, at, model.parsed(raw))
 
 
 def save(conn: sa.Connection, alerts: list[Alert], seq: int) -> list[dict]:

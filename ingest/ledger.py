@@ -12,13 +12,10 @@ head kept elsewhere (a signed evidence manifest, the `audit_ingest_ledger_head` 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-import orjson
 import sqlalchemy as sa
 
 from ingest import model
@@ -36,17 +33,7 @@ def digest(event_id: str, unix: int, raw: str) -> str:
 
 def canonical_raw(raw: object) -> str:
     """The canonical text of a stored `raw` as the driver returns it (text, or parsed on PostgreSQL)."""
-    return model.canonical(parsed(raw))
-
-
-def parsed(value: object) -> Any:
-    """A JSON column's value as the driver returns it (text, or already parsed), parsed."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return json.loads(value)  # integers beyond 64 bits
+    return model.canonical(model.parsed(raw))
 
 
 def entries_text(digests: Iterable[tuple[str, str]]) -> str:

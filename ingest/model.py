@@ -674,6 +674,17 @@ def dumps(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def parsed(value: Any) -> Any:
+    """A JSON column's value as the driver returns it (text on DuckDB, already parsed on PostgreSQL), parsed;
+    json covers integers beyond 64 bits."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return json.loads(value)
+
+
 def canonical(value: Any) -> str:
     """The canonical JSON text of `value`: sorted keys, no whitespace. Events are stored in it, so that the
     ledger (ingest.ledger) hashes stored text as it is where the engine keeps it."""

@@ -14,7 +14,6 @@ cut at the retention cutoff.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import threading
@@ -149,11 +148,7 @@ def _stored(conn: sa.Connection, source: Source, tenant: bool, filters: Query, g
         query = query.where(ev.c.type.in_(filters.event_types))
     if filters.project_ids:
         query = query.where(ev.c.project_id.in_(filters.project_ids))
-    return {
-        r.id: r.raw if isinstance(r.raw, dict) else json.loads(r.raw)
-        for r in conn.execute(query)
-        if model.is_tenant_scoped(r.type) == tenant
-    }
+    return {r.id: model.parsed(r.raw) for r in conn.execute(query) if model.is_tenant_scoped(r.type) == tenant}
 
 
 def keep(conn: sa.Connection, report: Report, run_at: datetime) -> None:

@@ -15,7 +15,6 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-import orjson
 import sqlalchemy as sa
 
 from ingest import model, ocsf
@@ -83,7 +82,7 @@ def export(conn: sa.Connection, since: datetime, until: datetime, output: Path, 
     count = 0
     try:
         for raw in _raw(conn, *naive):
-            event = ocsf.to_ocsf(raw if isinstance(raw, dict) else orjson.loads(raw))
+            event = ocsf.to_ocsf(model.parsed(raw))
             day = datetime.fromtimestamp(event["time"] / 1000, UTC).strftime("%Y%m%d")
             key = (_snake(event["class_name"]), day)
             rows = pending.setdefault(key, [])
