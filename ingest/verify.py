@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from ingest import backends, batchlog, ledger, model, store, typed_sql
+from ingest.backends.common import entries_text
 
 CHUNK = 10_000  # events read back per fetch
 
@@ -86,8 +87,8 @@ def _entries_hashes(conn: sa.Connection) -> dict[int, tuple[str, str]]:
     """Per batch: (its first event id, the SHA-256 of its entries), computed in the engine."""
     backend = backends.for_dialect(conn.dialect.name)
     entries = model.ingest_ledger_entries
-    text = backend.entries_text(entries.c.event_id, entries.c.digest)
-    first = sa.func.min(entries.c.event_id.collate("C") if conn.dialect.name == "postgresql" else entries.c.event_id)
+    text = entries_text(entries.c.event_id, entries.c.digest, backend.by_bytes)
+    first = sa.func.min(backend.by_bytes(entries.c.event_id))
     query = sa.select(entries.c.seq, first, backend.sha256_hex(text)).group_by(entries.c.seq)
     return {seq: (first_id, h) for seq, first_id, h in conn.execute(query)}
 

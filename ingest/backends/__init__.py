@@ -70,8 +70,8 @@ class Backend(Protocol):
         """Per `batch_seq`: (events, SHA-256 of their ledger entries), computed in the engine; None where the
         engine does not keep the canonical text (ingest.verify computes it then)."""
 
-    def entries_text(self, event_id: sa.ColumnElement, digest: sa.ColumnElement) -> sa.ColumnElement:
-        """The aggregate of `ledger.entries_text` over rows of (event id, digest)."""
+    def by_bytes(self, text: sa.ColumnElement) -> sa.ColumnElement:
+        """`text` compared and ordered by its bytes (the order the ledger's entries are hashed in)."""
 
     def sha256_hex(self, text: sa.ColumnElement) -> sa.ColumnElement:
         """The SHA-256 of a text, as 64 hex digits."""

@@ -88,3 +88,14 @@ def insert_statement(
     elif not absent:
         stmt = stmt.on_conflict_do_nothing()
     return stmt.returning(table.c[returning]) if returning else stmt
+
+
+def entries_text(
+    event_id: sa.ColumnElement, digest: sa.ColumnElement, by_bytes: Callable[[sa.ColumnElement], sa.ColumnElement]
+) -> sa.ColumnElement:
+    """The aggregate of ledger.entries_text over rows of (event id, digest): `<id> <digest>\\n` lines in id order,
+    the ids compared by bytes (`Backend.by_bytes`)."""
+    from sqlalchemy.dialects.postgresql import aggregate_order_by
+
+    line = event_id + sa.literal(" ") + digest + sa.literal("\n")
+    return sa.func.string_agg(line, aggregate_order_by(sa.literal(""), by_bytes(event_id)))

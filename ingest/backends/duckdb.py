@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from ingest import model
-from ingest.backends.common import CHUNK, TABLES, arrow_table, insert_statement, is_arrow
+from ingest.backends.common import CHUNK, TABLES, arrow_table, entries_text, insert_statement, is_arrow
 from ingest.errors import DatabaseInUseError, IngestError
 
 log = logging.getLogger("ingest.store")
@@ -204,18 +204,14 @@ def batch_hashes(conn: sa.Connection) -> dict[int | None, tuple[int, str]]:
     sep = sa.literal("\x1f")
     unix = sa.cast(sa.cast(sa.func.epoch(ev.c.effective_at), sa.BigInteger), sa.Text)
     digest = sa.func.sha256(ev.c.id + sep + unix + sep + sa.cast(ev.c.raw, sa.Text))
-    query = sa.select(ev.c.batch_seq, sa.func.count(), sha256_hex(entries_text(ev.c.id, digest))).group_by(
+    query = sa.select(ev.c.batch_seq, sa.func.count(), sha256_hex(entries_text(ev.c.id, digest, by_bytes))).group_by(
         ev.c.batch_seq
     )
     return {seq: (n, h) for seq, n, h in conn.execute(query)}
 
 
-def entries_text(event_id: sa.ColumnElement, digest: sa.ColumnElement) -> sa.ColumnElement:
-    """The aggregate of ledger.entries_text: `<id> <digest>\\n` lines in id order (DuckDB compares bytes)."""
-    from sqlalchemy.dialects.postgresql import aggregate_order_by
-
-    line = event_id + sa.literal(" ") + digest + sa.literal("\n")
-    return sa.func.string_agg(line, aggregate_order_by(sa.literal(""), event_id))
+def by_bytes(text: sa.ColumnElement) -> sa.ColumnElement:
+    return text  # DuckDB compares text by bytes
 
 
 def sha256_hex(text: sa.ColumnElement) -> sa.ColumnElement:

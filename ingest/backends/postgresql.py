@@ -223,12 +223,8 @@ def batch_hashes(conn: sa.Connection) -> None:
     return None
 
 
-def entries_text(event_id: sa.ColumnElement, digest: sa.ColumnElement) -> sa.ColumnElement:
-    """The aggregate of ledger.entries_text: `<id> <digest>\\n` lines in id order, by bytes whatever the collation."""
-    from sqlalchemy.dialects.postgresql import aggregate_order_by
-
-    line = event_id + sa.literal(" ") + digest + sa.literal("\n")
-    return sa.func.string_agg(line, aggregate_order_by(sa.literal(""), event_id.collate("C")))
+def by_bytes(text: sa.ColumnElement) -> sa.ColumnElement:
+    return text.collate("C")  # whatever the database's collation
 
 
 def sha256_hex(text: sa.ColumnElement) -> sa.ColumnElement:
