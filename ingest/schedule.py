@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -117,13 +118,12 @@ class SourceJob:
                       reason, _duration((self.skip + 1) * self.period))  # fmt: skip
             log.debug("traceback of the failed run", exc_info=True)
         finally:
-            newest, head = (None, None) if outcome == "interrupted" else _observed(warehouse, self.source.name)
-            streams = None if outcome == "interrupted" else _coverage(warehouse, self.settings)
-            if streams is not None:
-                self.metrics.observe_coverage(self.source.name, streams)
+            seen = _Observed() if outcome == "interrupted" else _observed(warehouse, self.source.name, self.settings)
+            if seen.streams is not None:
+                self.metrics.observe_coverage(self.source.name, seen.streams)
             events_new = latest[0].events_new if latest else 0
             self.metrics.observe(
-                self.source.name, outcome, events_new=events_new, stats=client.stats, newest=newest, head=head,
+                self.source.name, outcome, events_new=events_new, stats=client.stats, newest=seen.newest, head=seen.head,
                 unavailable=len(latest[0].unavailable) if latest else 0,
             )  # fmt: skip
             warehouse.dispose()  # nothing may keep the DuckDB file open between runs
@@ -215,25 +215,29 @@ def run_daemon(
     log.info("daemon stopped")
 
 
-def _observed(warehouse: Warehouse, source: str) -> tuple[datetime | None, ledger.Head | None]:
-    """For the lag and ledger metrics: the newest stored event, the chain head; None when the warehouse cannot be
-    read (that run's failure is logged already)."""
+@dataclass(frozen=True)
+class _Observed:
+    """What the metrics read from the warehouse after a run; None where it could not be read."""
+
+    newest: datetime | None = None  # the source's newest stored event
+    head: ledger.Head | None = None  # the ledger's chain head
+    streams: list[coverage.Coverage] | None = None
+
+
+def _observed(warehouse: Warehouse, source: str, settings: Settings) -> _Observed:
+    """The lag, ledger and coverage metrics' readings, in one connection; nothing when the warehouse cannot be read
+    (that run's failure is logged already)."""
     events = model.audit_events
     try:
         with warehouse.connect() as conn:
             newest = conn.execute(sa.select(sa.func.max(events.c.effective_at)).where(events.c.source == source))
-            return newest.scalar(), ledger.head(conn)
+            return _Observed(
+                newest.scalar(),
+                ledger.head(conn),
+                coverage.streams(conn, now=int(time.time()), retention=int(settings.retention)),
+            )
     except IngestError:
-        return None, None
-
-
-def _coverage(warehouse: Warehouse, settings: Settings) -> list[coverage.Coverage] | None:
-    """For the coverage metrics; None when the warehouse cannot be read."""
-    try:
-        with warehouse.connect() as conn:
-            return coverage.streams(conn, now=int(time.time()), retention=int(settings.retention))
-    except IngestError:
-        return None
+        return _Observed()
 
 
 def _duration(seconds: float) -> str:
