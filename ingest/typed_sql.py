@@ -26,9 +26,12 @@ class JsonSQL(Protocol):
 
     json: Any  # the SQL type of a JSON value there
 
-    def found(self, family: model.Family, fields: list[str], where: sa.ColumnElement) -> sa.Subquery:
-        """Per event of the family (and of `where`): its id and each field looked up by the model's rule, as
-        JSON values `f0`, `f1`, ...: the payload, then the wrappers it flattens; the first scope with the key."""
+    def found(
+        self, family: model.Family, fields: list[str], where: sa.ColumnElement, events: sa.FromClause
+    ) -> sa.Subquery:
+        """Per event of the family in `events` (columns id, type, raw; and of `where`): its id and each field looked
+        up by the model's rule, as JSON values `f0`, `f1`, ...: the payload, then the wrappers it flattens; the
+        first scope with the key."""
 
     def convert(self, x: sa.ColumnElement, kind: str) -> sa.ColumnElement:
         """A JSON value as `model._convert` stores it: NULL when of another JSON type."""
@@ -47,19 +50,23 @@ def json_sql(dialect: str) -> JsonSQL:
     return cast(JsonSQL, backends.for_dialect(dialect).JSON_SQL)
 
 
-def derivations(dialect: str, where: sa.ColumnElement | None = None) -> dict[str, sa.Select]:
+def derivations(
+    dialect: str, where: sa.ColumnElement | None = None, events: sa.FromClause = model.audit_events
+) -> dict[str, sa.Select]:
     """Table name -> the select of its rows derived from raw, columns in the table's order, for the events of
-    `where` (a condition on `model.audit_events`; all of them when None)."""
+    `where` (a condition on `events`, by default `model.audit_events`; all of them when None)."""
     engine = json_sql(dialect)
     out: dict[str, sa.Select] = {}
     for family in model.FAMILIES:
-        out.update(_family(engine, family, sa.true() if where is None else where))
+        out.update(_family(engine, family, sa.true() if where is None else where, events))
     return out
 
 
-def _family(engine: JsonSQL, family: model.Family, where: sa.ColumnElement) -> dict[str, sa.Select]:
+def _family(
+    engine: JsonSQL, family: model.Family, where: sa.ColumnElement, events: sa.FromClause
+) -> dict[str, sa.Select]:
     fields = list(dict.fromkeys([c.field for c in family.columns] + [lst.field for lst in family.lists]))
-    found = engine.found(family, fields, where)
+    found = engine.found(family, fields, where, events)
     value = {f: found.c[f"f{i}"] for i, f in enumerate(fields)}
     out = {
         family.table: sa.select(

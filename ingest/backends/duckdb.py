@@ -236,8 +236,10 @@ class _JsonSQL:
 
     json: Any = model.JSON
 
-    def found(self, family: model.Family, fields: list[str], where: sa.ColumnElement) -> sa.Subquery:
-        ev = model.audit_events
+    def found(
+        self, family: model.Family, fields: list[str], where: sa.ColumnElement, events: sa.FromClause
+    ) -> sa.Subquery:
+        ev = events
         scopes = ["", *model.wrappers_of(family)]
 
         def paths(event_type: str) -> sa.ColumnElement:

@@ -237,8 +237,10 @@ class _JsonSQL:
 
     json: Any = JSONB
 
-    def found(self, family: model.Family, fields: list[str], where: sa.ColumnElement) -> sa.Subquery:
-        ev = model.audit_events
+    def found(
+        self, family: model.Family, fields: list[str], where: sa.ColumnElement, events: sa.FromClause
+    ) -> sa.Subquery:
+        ev = events
         payload = ev.c.raw.op("->", return_type=JSONB)(ev.c.type).label("p")
         step = sa.select(ev.c.id.label("event_id"), payload).where(ev.c.type.in_(family.types), where).subquery("raw")
         scopes = [step.c.p, *(self.member(step.c.p, w) for w in model.wrappers_of(family))]
