@@ -17,10 +17,13 @@ temporal, the last event of each rule.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import ipaddress
+import itertools
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -492,9 +495,11 @@ def events_hash(event_ids: Iterable[str]) -> str:
 
 
 def evaluate(
-    conn: sa.Connection, rules: RuleSet, batches: list[batchlog.CommittedBatch]
+    conn: sa.Connection, rules: RuleSet, batches: list[batchlog.CommittedBatch], earlier: Earlier | None = None
 ) -> list[Alert]:  # fmt: skip
-    """The alerts the events of `batches` raise."""
+    """The alerts the events of `batches` raise. `earlier`: what the evaluation of the batches just before these
+    matched (the same consumer's run, which reads the log in chunks); it takes this evaluation's matches too."""
+    earlier = earlier if earlier is not None else Earlier(batches[0].seq)
     active = rules.active()
     by_id = rules.by_id()
     matchers = {r.rule_id: Matcher(r) for r in rules.rules if not r.correlation}
@@ -514,14 +519,24 @@ def evaluate(
     for rule in active:
         if not rule.correlation:
             alerts.extend(Alert(rule, (e,), e.id in historical) for e in hits[rule.rule_id])
-    last_seq = batches[-1].seq
     for rule in active:
         if rule.correlation:
             bases = [by_id[ref.reference] for ref in rule.sigma.rules]
             triggers = [(b.rule_id, e) for b in bases for e in hits[b.rule_id]]
             if triggers:
-                alerts.extend(_correlate(conn, rule, bases, matchers, triggers, historical, last_seq))
+                alerts.extend(_correlate(conn, rule, bases, matchers, triggers, historical, earlier, hits))
+    for base_id in {ref.reference for r in active if r.correlation for ref in r.sigma.rules}:  # once: bases are shared
+        earlier.hits.setdefault(base_id, []).extend(hits[base_id])
     return alerts
+
+
+@dataclass
+class Earlier:
+    """The events a consumer's run has matched so far, by base rule of a correlation, from batch `first` on: a
+    correlation's window reads only what committed before `first` back from the warehouse."""
+
+    first: int
+    hits: dict[str, list[batchlog.StoredEvent]] = field(default_factory=dict)
 
 
 def _group(rule: Rule, base_id: str, event: dict) -> tuple | None:
@@ -537,31 +552,41 @@ def _group(rule: Rule, base_id: str, event: dict) -> tuple | None:
     return tuple(key)
 
 
-def _correlate(conn, rule: Rule, bases: list[Rule], matchers, triggers, historical: set[str], last_seq: int):
+def _correlate(
+    conn, rule: Rule, bases: list[Rule], matchers, triggers, historical: set[str], earlier: Earlier, hits: dict
+):
+    """The correlation's alerts among the events of its window: those of the batches being evaluated and of the
+    run's earlier ones, matched already (`hits`, `earlier`, by base rule), and those stored before the run, matched
+    here. A first sync's window is most of the log: reading it back would cost more than the evaluation.
+
+    A window counts when it holds one of the batches' matches (a trigger): those end at a trigger or up to a span
+    after it, since a sweep commits newest first and the later events of a window may have committed before. A
+    window alerted on already has the same events, and its alert the same hash: it is not stored twice."""
     sigma = rule.sigma
     span = timedelta(seconds=sigma.timespan.seconds)
     kind = sigma.type.name.lower()
     lo = min(e.effective_at for _, e in triggers) - span
-    hi = max(e.effective_at for _, e in triggers)
+    hi = max(e.effective_at for _, e in triggers) + span
     types = None if any(b.types is None for b in bases) else frozenset().union(*(b.types or () for b in bases))
     fieldref = sigma.condition.fieldref if kind == "value_count" else None
     # Every matched event of the window, per group: (time, id, rule, event, the value counted).
     groups: dict[tuple, list] = {}
-    for event in _stored(conn, lo, hi, types, last_seq):
-        for base in bases:
-            if matchers[base.rule_id](event.raw):
-                key = _group(rule, base.rule_id, event.raw)
-                if key is not None:
-                    value = base.rule_id if kind == "temporal" else _value(event.raw, fieldref) if fieldref else None
-                    groups.setdefault(key, []).append((event.effective_at, event.id, base.rule_id, event, value))
+    stored = ((b, e) for e in _stored(conn, lo, hi, types, earlier.first) for b in bases if matchers[b.rule_id](e.raw))
+    matched = ((b, e) for m in (earlier.hits, hits) for b in bases for e in m.get(b.rule_id, ()))
+    for base, event in itertools.chain(stored, ((b, e) for b, e in matched if lo <= e.effective_at <= hi)):
+        key = _group(rule, base.rule_id, event.raw)
+        if key is not None:
+            value = base.rule_id if kind == "temporal" else _value(event.raw, fieldref) if fieldref else None
+            groups.setdefault(key, []).append((event.effective_at, event.id, base.rule_id, event, value))
     wanted = {(base_id, e.id) for base_id, e in triggers}
     test = _CORRELATION_OPS[sigma.condition.op.name]
     count = len(bases) if kind == "temporal" else sigma.condition.count
     for rows in groups.values():
         rows.sort(key=lambda r: r[:3])
+        times = [r[0] for r in rows if (r[2], r[1]) in wanted]  # the group's triggers, in time order
         # The window ending at each row, slid once over the group: rows[first:j + 1].
         first, counts, latest = 0, {}, {}  # type: int, dict, dict
-        for j, (at, event_id, base_id, event, value) in enumerate(rows):
+        for j, (at, event_id, _, event, value) in enumerate(rows):
             while rows[first][0] < at - span:
                 old = rows[first][4]
                 if old is not None:
@@ -572,7 +597,8 @@ def _correlate(conn, rule: Rule, bases: list[Rule], matchers, triggers, historic
             if value is not None:
                 counts[value] = counts.get(value, 0) + 1
                 latest[value] = event
-            if (base_id, event_id) not in wanted:
+            k = bisect.bisect_left(times, at - span)
+            if k == len(times) or times[k] > at:  # no trigger in this window
                 continue
             if kind == "event_count":
                 size = j + 1 - first
@@ -589,10 +615,11 @@ def _value(event: dict, path: str):
     return found[0] if found and isinstance(found[0], str | int | float | bool) else None
 
 
-def _stored(conn: sa.Connection, lo: datetime, hi: datetime, types, last_seq: int) -> Iterator[batchlog.StoredEvent]:
+def _stored(conn: sa.Connection, lo: datetime, hi: datetime, types, before: int) -> Iterator[batchlog.StoredEvent]:
+    """The events of [lo, hi] (of `types`) in batches before `before`."""
     ev = model.audit_events
     query = sa.select(ev.c.id, ev.c.effective_at, ev.c.raw).where(
-        ev.c.effective_at.between(lo, hi), ev.c.batch_seq <= last_seq
+        ev.c.effective_at.between(lo, hi), ev.c.batch_seq < before
     )
     if types is not None:
         exact = sorted(t for t in types if not t.endswith("*"))
@@ -626,10 +653,13 @@ class Detector:
     def __init__(self, rules: RuleSet, webhooks: tuple[str, ...] = ()):
         self.rules = rules
         self.webhooks = webhooks
+        self._earlier: Earlier | None = None  # this run's matches so far (consumers.run reads the log in chunks)
 
     def process(self, conn: sa.Connection, batches: list[batchlog.CommittedBatch]) -> None:
         try:
-            alerts = evaluate(conn, self.rules, batches)
+            # After a failure consumers.run stops feeding this consumer: what `_earlier` holds has always committed.
+            self._earlier = self._earlier or Earlier(batches[0].seq)
+            alerts = evaluate(conn, self.rules, batches, self._earlier)
             inserted = save(conn, alerts, batches[-1].seq)
             if inserted and self.webhooks:
                 from ingest import delivery
@@ -637,8 +667,9 @@ class Detector:
                 delivery.enqueue(conn, inserted, self.webhooks)
         except sa.exc.SQLAlchemyError as exc:  # as an IngestError, consumers.run logs it and retries next run
             raise DatabaseError(f"rules: {_first_line(getattr(exc, 'orig', None) or exc)}") from None
-        for row in inserted:
-            log.info("alert %s (%s): %d events", row["rule_id"], row["level"], len(row["event_ids"]))
+        # A line per rule, not per alert: a first sync over a long history raises thousands.
+        for (rule_id, level), n in Counter((row["rule_id"], row["level"]) for row in inserted).items():
+            log.info("%d %s raised by %s (%s)", n, "alert" if n == 1 else "alerts", rule_id, level)
 
 
 def placeholders_of(settings) -> dict[str, list[str]]:

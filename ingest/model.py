@@ -676,13 +676,32 @@ def dumps(value: Any) -> str:
 
 def parsed(value: Any) -> Any:
     """A JSON column's value as the driver returns it (text on DuckDB, already parsed on PostgreSQL), parsed;
-    json covers integers beyond 64 bits."""
-    if not isinstance(value, str):
+    json covers integers beyond 64 bits. Also the engines' JSON deserialiser (store.Warehouse), given text or, by
+    psycopg, bytes."""
+    if isinstance(value, memoryview):
+        value = bytes(value)
+    if not isinstance(value, str | bytes):
         return value
-    try:
-        return orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return json.loads(value)
+    if not has_long_number(value):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(value)
+
+
+# orjson reads integers beyond 64 bits as floats (silently inexact): texts with such long digit runs go to the
+# stdlib parser, which keeps them exact. Found as a run of zeros once every digit is a zero: twenty times faster
+# than a regular expression.
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_DIGITS_TO_ZERO_STR = str.maketrans("0123456789", "0" * 10)
+
+
+def has_long_number(text: str | bytes) -> bool:
+    """Whether a JSON text has a run of 19 digits or more, which orjson may read inexactly."""
+    if isinstance(text, str):
+        return "0" * 19 in text.translate(_DIGITS_TO_ZERO_STR)
+    return b"0" * 19 in text.translate(_DIGITS_TO_ZERO)
 
 
 def canonical(value: Any) -> str:

@@ -48,7 +48,12 @@ class Warehouse:
         # Before anything is created: an unsupported URL names the supported backends and opens nothing.
         self.backend = backends.for_dialect(self.dialect)
         self.location = url_obj.database if self.dialect == "duckdb" else url_obj.render_as_string(hide_password=True)
-        options = {"json_serializer": json_text, **self.backend.engine_options(read_only)}
+        # JSON read back with orjson (model.parsed): a tenth of the stdlib's time, over every event a consumer reads.
+        options = {
+            "json_serializer": json_text,
+            "json_deserializer": model.parsed,
+            **self.backend.engine_options(read_only),
+        }
         try:
             self.engine = sa.create_engine(url_obj, **options)
         except (sa.exc.ArgumentError, ImportError, sa.exc.NoSuchModuleError) as exc:

@@ -92,6 +92,54 @@ def test_rules_rerun_over_the_same_batches_raise_no_second_alert(simulator, db_u
     assert sorted((a["rule_id"], a["events_hash"]) for a in alerts(db_url)) == before and before
 
 
+def test_correlations_spanning_the_consumers_chunks_alert_as_over_one_chunk(
+    simulator, duckdb_url, key_env, monkeypatch
+):
+    """The consumer reads the log in chunks of whole batches, newest events first (as a sweep commits them); a
+    correlation's window reaches into the chunks before, whose matches the run keeps, and into batches committed
+    before the run, which it reads back: every planted burst and spray still alerts, on exactly its events."""
+    from ingest import consumers
+
+    server = simulator(events=0, seed=3)
+    server.sim.append(300, types=QUIET_TYPES)
+    expected = plant_all(server.sim)
+    monkeypatch.setattr("ingest.api.PAGE_SIZE", 10)  # a batch a page: the failed-login burst spans two or three
+    monkeypatch.setattr("ingest.sync.BATCH_EVENTS", 10)
+    sync(server, duckdb_url, detections=False, workers=1)  # some forty batches, none evaluated yet
+    warehouse = Warehouse(duckdb_url)
+    settings = settings_for(server, duckdb_url, allowed_email_domains=DOMAINS)
+    try:
+        with warehouse.connect() as conn:
+            batches = conn.execute(sa.select(sa.func.count()).select_from(model.ingest_batches)).scalar()
+        # The first half in one run, the rest in another, each in chunks of a batch or two.
+        first, second = detect.consumers_for(settings)[0], detect.consumers_for(settings)[0]
+        consumers.run(warehouse, [_StopAfter(first, batches // 2)], max_events=15)
+        consumers.run(warehouse, [second], max_events=15)
+    finally:
+        warehouse.dispose()
+    assert batches > 20
+    found: dict[str, set[str]] = {}
+    for alert in alerts(duckdb_url):
+        found.setdefault(alert["rule_id"], set()).update(alert["event_ids"])
+    assert found == expected
+    assert [len(a["event_ids"]) for a in alerts(duckdb_url) if a["rule_id"] == "openai_failed_login_burst"] == [20]
+
+
+class _StopAfter:
+    """A consumer that processes `n` batches, then fails (and so keeps its checkpoint there)."""
+
+    def __init__(self, consumer, n: int):
+        self.consumer, self.n, self.name = consumer, n, consumer.name
+
+    def process(self, conn, batches) -> None:
+        from ingest.errors import IngestError
+
+        if self.n <= 0:
+            raise IngestError("stop here")
+        self.consumer.process(conn, batches)
+        self.n -= len(batches)
+
+
 def test_alerts_raised_by_backfilled_events_are_historical(simulator, duckdb_url, key_env):
     server = simulator(events=0, seed=3)
     now = int(time.time())
