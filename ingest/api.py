@@ -32,7 +32,7 @@ from ingest.errors import (
     NotEnabledError,
     RateLimitedError,
 )
-from ingest.throttle import Throttle
+from ingest.throttle import Budget, Throttle
 
 log = logging.getLogger("ingest.api")
 
@@ -96,7 +96,7 @@ class Client:
         retry_max_delay: float = 60.0,
         stop: threading.Event | None = None,
         transport: httpx.BaseTransport | None = None,
-        max_requests_per_second: float | None = None,
+        budget: Budget | None = None,
     ):
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
@@ -111,7 +111,7 @@ class Client:
         self._stop = stop or threading.Event()
         self._lock = threading.Lock()
         self._paused_until = 0.0  # shared by every thread using this client
-        self.throttle = Throttle(MAX_IN_FLIGHT, max_requests_per_second)
+        self.throttle = Throttle(MAX_IN_FLIGHT, budget)  # `budget`: the process's requests a second, if capped
         self.stats = Stats()
 
     def __enter__(self) -> Client:
