@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from support import select
+from test_daemon import free_port, metric
 
 from ingest import model
-from ingest.simulator import Organizations, Simulator, SimulatorServer, organizations
+from ingest.errors import DatabaseError
+from ingest.simulator import Organizations, Simulator, SimulatorServer, is_tenant_scoped, organizations
 
 _started: list[subprocess.Popen] = []
 
@@ -33,13 +35,18 @@ def _no_daemon_outlives_its_test():
             proc.communicate()
 
 
-def config(path: Path, orgs: Organizations, **settings) -> tuple[Path, dict[str, str]]:
+def config(path: Path, orgs: Organizations, *, tenant_events: bool = True, **settings) -> tuple[Path, dict[str, str]]:
     """A TOML file with one [[sources]] per organization (`org-<i>`, its key in ORG_<i>_KEY, i from 1), and that
     environment."""
     lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]  # JSON's scalars are TOML's
     env = {}
     for i, key in enumerate(orgs.by_key, 1):
-        lines += ["[[sources]]", f'name = "org-{i}"', f'key_env = "ORG_{i}_KEY"']
+        lines += [
+            "[[sources]]",
+            f'name = "org-{i}"',
+            f'key_env = "ORG_{i}_KEY"',
+            f"tenant_events = {json.dumps(tenant_events)}",
+        ]
         env[f"ORG_{i}_KEY"] = key
     path.write_text("\n".join(lines) + "\n")
     return path, env
@@ -75,13 +82,20 @@ def ok_ticks(url: str, period: float) -> dict[str, list[int]]:
 
 def wait_until(condition, timeout: float, procs: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not _holds(condition):
         for proc in procs:
             if proc.poll() is not None:
                 pytest.fail(f"a daemon exited ({proc.returncode}): {proc.communicate()[1][-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail("timed out")
         time.sleep(0.1)
+
+
+def _holds(condition) -> bool:
+    try:
+        return condition()
+    except DatabaseError:  # no daemon has created the tables yet
+        return False
 
 
 def test_a_slow_or_failing_source_delays_no_other_and_the_sources_share_one_request_budget(pg_url, tmp_path):
@@ -128,3 +142,54 @@ def test_a_slow_or_failing_source_delays_no_other_and_the_sources_share_one_requ
 def stored_events_of(url: str, source: str) -> list[str]:
     events = model.audit_events
     return [row.id for row in select(url, sa.select(events.c.id).where(events.c.source == source))]
+
+
+def test_three_daemons_sync_each_of_30_sources_once_a_tick_and_take_over_a_killed_ones_within_a_tick(pg_url, tmp_path):
+    # Ticks long enough for 30 runs and 60 skips on a busy machine of 2 cores; one stream a source, for the same reason.
+    period = 8.0
+    orgs = organizations(30, key="sk-admin-org", seed=70, events=40)
+    with SimulatorServer(orgs) as server:
+        toml, keys = config(tmp_path / "sources.toml", orgs, tenant_events=False, detections=False)
+        ports = [free_port() for _ in range(3)]
+        daemons = [start_daemon(server, pg_url, toml, keys, "--interval", f"{period}s", "--metrics-port", str(port))
+                   for port in ports]  # fmt: skip
+        # Once every source had its first sync: a full tick, then the first daemon killed mid-tick, then two ticks.
+        wait_until(lambda: len(ok_ticks(pg_url, period)) == 30, 60, daemons)
+        steady = int(time.time() // period) + 1
+        for sim in list(orgs.by_key.values())[::3]:
+            sim.append(5)
+        killed_in = steady + 1
+        wait_until(lambda: time.time() >= (killed_in + 0.5) * period, 30, daemons)
+        daemons[0].send_signal(signal.SIGKILL)
+        killed_log = daemons[0].communicate()[1]
+        for sim in list(orgs.by_key.values())[1::3]:
+            sim.append(5)
+        wait_until(lambda: time.time() >= (killed_in + 3) * period + 0.5, 30, daemons[1:])
+        skipped = [metric(port, "audit_ingest_runs_skipped_total") for port in ports[1:]]
+        for proc in daemons[1:]:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=30) for proc in daemons[1:]] == [0, 0]
+    rows = runs(pg_url)
+    per_tick: dict[tuple[str, int], int] = {}
+    for row in rows:
+        if row.status == "ok":
+            per_tick[row.source, tick_of(row, period)] = per_tick.get((row.source, tick_of(row, period)), 0) + 1
+    sources = [f"org-{i}" for i in range(1, 31)]
+    # Never two runs of a source in one tick; in each tick from the first full one on, one (the killed daemon's
+    # sources are taken over from the tick after the kill: its locks died with its sessions).
+    assert max(per_tick.values()) == 1
+    ticks = [steady, killed_in + 1, killed_in + 2]
+    missing = [(s, t) for s in sources for t in ticks if (s, t) not in per_tick]
+    assert missing == [], (steady, killed_in, missing, sorted(per_tick))
+    assert "org-" in killed_log and ": ok, " in killed_log  # the killed daemon did sync sources
+    assert all(count and count > 0 for count in skipped)  # the others' ticks left to another daemon are counted
+    # No request for a skipped tick: each organization served exactly the requests of its runs (but for a run cut
+    # short by the kill or the stop, whose last requests may be uncounted).
+    for i, (key, sim) in enumerate(orgs.by_key.items(), 1):
+        mine = [r for r in rows if r.source == f"org-{i}"]
+        made = sum(r.pages + r.retries for r in mine)
+        cut = any(r.status in ("running", "abandoned", "interrupted") for r in mine)
+        assert made == sim.requests or (cut and made < sim.requests), (key, made, sim.requests)
+        # Every event of every organization stored once, under its source (the main stream's: tenant_events false).
+        served = [e["id"] for e in sim.events if not is_tenant_scoped(e["type"])]
+        assert sorted(stored_events_of(pg_url, f"org-{i}")) == sorted(served)
