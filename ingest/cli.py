@@ -421,20 +421,22 @@ def demo(ctx: click.Context, events: int, database: str) -> None:
 @click.option("--latency", default=0.0, show_default=True, help="Seconds added to every response.")
 @click.option("--no-tenant", is_flag=True, help="Play an organization without a tenant: tenant_only=true gets 400.")
 @click.option("--rate-limit", type=click.FloatRange(min=0, min_open=True), help="Requests a second; beyond, 429.")
+@click.option("--orgs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Serve this many organizations, --events each: keys $OPENAI_ADMIN_KEY-1 to -N, seeds SEED to SEED+N-1.")  # fmt: skip
 @click.option("--scenario", "scenario_names", multiple=True, type=click.Choice(scenario_names()),
               help="Plant this attack (ingest/scenarios.py) among the normal events; repeatable.")  # fmt: skip
 def simulate(
     port: int, events: int, seed: int, fault_rate: float, latency: float, no_tenant: bool, rate_limit: float | None,
-    scenario_names,
+    orgs: int, scenario_names,
 ) -> None:  # fmt: skip
-    """Serve the built-in audit-log API simulator on 127.0.0.1 (key: $OPENAI_ADMIN_KEY)."""
+    """Serve the built-in audit-log API simulator on 127.0.0.1 (key: $OPENAI_ADMIN_KEY, or one per organization)."""
     from ingest.simulator import serve
 
     key = os.environ.get("OPENAI_ADMIN_KEY", "").strip()
     if not key:
         raise ConfigError("OPENAI_ADMIN_KEY is not set: export the key the simulator should accept")
     serve(port=port, events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=not no_tenant,
-          rate_limit=rate_limit, scenarios=scenario_names)  # fmt: skip
+          rate_limit=rate_limit, scenarios=scenario_names, orgs=orgs)  # fmt: skip
 
 
 DEMO_SCENARIO = "credential-stuffing"

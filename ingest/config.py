@@ -169,6 +169,8 @@ class Settings(BaseModel):
     max_retries: int = Field(default=8, ge=0)
     max_requests_per_second: float | None = Field(default=None, gt=0)
     workers: int = Field(default=4, ge=1, le=64)  # a long sweep is split into this many slices fetched at once
+    # The daemon syncs this many sources at once (PostgreSQL; DuckDB's one writer takes them in turn).
+    max_concurrent_sources: int = Field(default=4, ge=1, le=64)
     retry_base_delay: float = Field(default=0.5, ge=0)
     retry_max_delay: float = Field(default=60.0, ge=0)
     # Plain http is only for loopback (the simulator) unless explicitly allowed.

@@ -30,6 +30,10 @@ class Metrics:
         self.events = metric(Counter, "audit_ingest_events_ingested", "Events stored (new ones only).")
         self.runs = metric(Counter, "audit_ingest_runs", "Sync runs that ended ok or failed.")
         self.failures = metric(Counter, "audit_ingest_run_failures", "Sync runs that failed.")
+        self.skipped = metric(
+            Counter, "audit_ingest_runs_skipped",
+            "Ticks of a source left to another ingester: it held the source's lock, or had synced it this tick.",
+        )  # fmt: skip
         self.retries = metric(Counter, "audit_ingest_retries", "API requests retried.")
         self.rate_limited = metric(Counter, "audit_ingest_rate_limit_wait_seconds", "Time spent waiting on 429s.")
         self.last_success = metric(Gauge, "audit_ingest_last_success_timestamp_seconds", "End of the last ok run.")
@@ -67,7 +71,8 @@ class Metrics:
         self, source: str, outcome: str, *, events_new: int, stats: Stats, newest: datetime | None,
         head: Head | None = None, unavailable: int = 0,
     ) -> None:  # fmt: skip
-        """One run that ended `ok`, `failed`, `interrupted` or `skipped`: its new events (those of its committed
+        """One run that ended `ok`, `failed`, `interrupted`, `skipped` or `done` (the last two: another ingester's
+        tick, see ingest.sync.sync_source): its new events (those of its committed
         batches), its client's stats, the newest stored event (None when the warehouse was not read), and how
         many of its streams the API refused; the ledger's chain head."""
         if head is not None:
@@ -83,6 +88,8 @@ class Metrics:
             self.last_success.labels(source).set(time.time())
         elif outcome == "failed":
             self.failures.labels(source).inc()
+        elif outcome in ("skipped", "done"):
+            self.skipped.labels(source).inc()
         if newest is not None:
             if source not in self._newest:
                 self.lag.labels(source).set_function(lambda: time.time() - self._newest[source])

@@ -1,13 +1,17 @@
 """`audit-ingest daemon`: a sync of every source at start, then on an interval or a cron schedule.
 
-APScheduler runs one job per source, all on a single worker thread: runs of a source never overlap
-(max_instances=1), runs missed while one was running coalesce into the next tick, and sources take
-turns, because a DuckDB file has one writer. Each run opens the warehouse and releases it when done, so
-between runs people can open the file with DuckDB or `audit-ingest query`. A failing source backs off:
-after k failures in a row it skips 2^(k-1) - 1 ticks (at most an hour's worth), so an API that keeps
-failing is not hammered. A reconciliation of the last day (ingest.reconcile) runs every `reconcile_every` on
-the same thread, the first one interval after the start: a restarted daemon does not re-read a day. SIGTERM
-or SIGINT set `stop`: the running sync commits its current batch and ends, and the process exits 0.
+APScheduler runs one job per source on a pool of `max_concurrent_sources` threads (one on DuckDB, whose file has
+one writer): runs of a source never overlap (max_instances=1), runs missed while one was running coalesce into
+the next tick, and a slow or failing source holds one thread, not the others' turns. The sources' clients share
+one request budget (`max_requests_per_second`, handed round-robin: ingest.throttle). Ticks fall on a grid from
+the Unix epoch (or the cron line's times), the same for every daemon: several daemons on one PostgreSQL sync each
+source once a tick, the first to take its lock; the others find the run of this tick done and make no request.
+Each run opens the warehouse and releases it when done, so between runs people can open the file with DuckDB or
+`audit-ingest query`. A failing source backs off: after k failures in a row it skips 2^(k-1) - 1 ticks (at most
+an hour's worth), so an API that keeps failing is not hammered. A reconciliation of the last day
+(ingest.reconcile) runs every `reconcile_every` in the same pool, the first one interval after the start: a
+restarted daemon does not re-read a day. SIGTERM or SIGINT set `stop`: the running syncs commit their current
+batch and end, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -34,10 +38,12 @@ from ingest.errors import ConfigError, IngestError, Interrupted
 from ingest.metrics import Metrics
 from ingest.store import Warehouse
 from ingest.sync import Progress, RunSummary, client_for, feed_consumers, sync_source
+from ingest.throttle import Budget
 
 log = logging.getLogger("ingest.daemon")
 
 DEFAULT_INTERVAL = 300.0
+EPOCH = datetime.fromtimestamp(0, UTC)  # where the ticks of an --interval start: every daemon has the same ones
 MAX_BACKOFF = 3600.0  # seconds: the longest a failing source waits between attempts (or one tick, if longer)
 
 
@@ -57,13 +63,23 @@ def trigger_for(interval: float | None, cron: str | None) -> tuple[BaseTrigger, 
         interval = DEFAULT_INTERVAL if interval is None else interval
         if interval <= 0:
             raise ConfigError("--interval must be a positive duration, e.g. 30s, 5m, 1h")
-        return IntervalTrigger(seconds=interval, timezone=UTC), interval
+        return IntervalTrigger(seconds=interval, start_date=EPOCH, timezone=UTC), interval
     try:
         trigger = CronTrigger.from_crontab(cron, timezone=UTC)
     except ValueError as exc:
         raise ConfigError(f"bad --cron {cron!r}: {exc} (five fields, UTC, e.g. '*/5 * * * *')") from None
     first = trigger.get_next_fire_time(None, datetime.now(UTC))
     return trigger, (trigger.get_next_fire_time(first, first) - first).total_seconds()
+
+
+def tick_start(trigger: BaseTrigger, period: float, now: datetime) -> datetime:
+    """The trigger's last fire time at or before `now`: the start of the tick `now` is in."""
+    back = period
+    while (first := trigger.get_next_fire_time(None, now - timedelta(seconds=back))) is None or first > now:
+        back *= 2
+    while (following := trigger.get_next_fire_time(first, first)) is not None and following <= now:
+        first = following
+    return first
 
 
 class SourceJob:
@@ -74,13 +90,15 @@ class SourceJob:
         settings: Settings,
         source: Source,
         *,
+        trigger: BaseTrigger,
         period: float,
+        budget: Budget,
         stop: threading.Event,
         metrics: Metrics,
         progress: Callable[[], AbstractContextManager[Progress]],
     ):
-        self.settings, self.source, self.period, self.stop = settings, source, period, stop
-        self.metrics, self.progress = metrics, progress
+        self.settings, self.source, self.trigger, self.period, self.stop = settings, source, trigger, period, stop
+        self.budget, self.metrics, self.progress = budget, metrics, progress
         self.failures = 0
         self.skip = 0  # ticks left to skip before the next attempt
 
@@ -92,8 +110,9 @@ class SourceJob:
             return
         latest: list[RunSummary] = []  # the counters of committed batches, even if the run fails later
         outcome = "interrupted"
+        tick = tick_start(self.trigger, self.period, datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None)
         warehouse = Warehouse(self.settings.database_url, self.settings.db_schema)
-        client = client_for(self.settings, self.source, self.stop)
+        client = client_for(self.settings, self.source, self.stop, budget=self.budget)
         try:
             with client, self.progress() as show:
                 warehouse.ensure_schema()
@@ -103,11 +122,11 @@ class SourceJob:
                     show(summary)
 
                 summary = sync_source(warehouse, client, self.source, self.settings, stop=self.stop,
-                                      on_progress=on_progress)  # fmt: skip
+                                      on_progress=on_progress, unless_synced_since=tick)  # fmt: skip
                 latest[:] = [summary]
                 feed_consumers(self.settings, warehouse)
             log.info("%s", summary.line())
-            outcome, self.failures, self.skip = summary.status, 0, 0  # ok, or skipped: another process syncs it
+            outcome, self.failures, self.skip = summary.status, 0, 0  # ok; skipped or done: another process's
         except Interrupted:
             log.info("%s: run stopped; the next one resumes from its last commit", self.source.name)
         except Exception as exc:  # whatever failed: one line, and a retry after the backoff
@@ -177,17 +196,24 @@ def run_daemon(
     for source in sources:
         source.admin_key()  # a missing key is a configuration error, not a failed run to retry forever
     logging.getLogger("apscheduler.scheduler").addFilter(_Coalesced())
+    probe = Warehouse(settings.database_url, settings.db_schema)  # a bad URL fails here; nothing is opened
+    at_once = settings.max_concurrent_sources if probe.backend.CONCURRENT_SOURCES else 1
+    probe.dispose()
     stop = threading.Event()
     metrics = Metrics()
     server = metrics.serve(metrics_port, metrics_addr) if metrics_port is not None else None
     scheduler = BackgroundScheduler(
-        executors={"default": ThreadPoolExecutor(1)},
+        executors={"default": ThreadPoolExecutor(at_once)},
         job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
         timezone=UTC,
     )
+    budget = Budget(settings.max_requests_per_second)
+    # The first run at once, as the current tick's (its start in the past): the next ones on the grid.
+    first = tick_start(trigger, period, datetime.now(UTC))
     for source in sources:
-        job = SourceJob(settings, source, period=period, stop=stop, metrics=metrics, progress=progress)
-        scheduler.add_job(job, trigger, id=source.name, name=f"sync {source.name}", next_run_time=datetime.now(UTC))
+        job = SourceJob(settings, source, trigger=trigger, period=period, budget=budget, stop=stop, metrics=metrics,
+                        progress=progress)  # fmt: skip
+        scheduler.add_job(job, trigger, id=source.name, name=f"sync {source.name}", next_run_time=first)
     if settings.reconcile_every:
         scheduler.add_job(ReconcileJob(settings, sources, stop=stop, metrics=metrics),
                           IntervalTrigger(seconds=settings.reconcile_every, timezone=UTC), id="reconcile",
@@ -196,15 +222,16 @@ def run_daemon(
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     scheduler.start()
     log.info(
-        "daemon started: %s, every %s%s; SIGTERM or Ctrl-C stops it",
+        "daemon started: %s, every %s, %d at once%s; SIGTERM or Ctrl-C stops it",
         ", ".join(s.name for s in sources),
         cron or _duration(period),
+        min(at_once, len(sources)),
         f", metrics on http://{metrics_addr}:{metrics_port}/metrics" if server else "",
     )
     try:
         while not stop.is_set():
             time.sleep(0.1)
-        log.info("stopping: letting the running sync commit its current batch")
+        log.info("stopping: letting the running syncs commit their current batch")
     finally:
         stop.set()
         scheduler.shutdown(wait=True)

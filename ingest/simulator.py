@@ -22,11 +22,11 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 import orjson
@@ -861,22 +861,8 @@ class Simulator:
         return _error(404, f"Invalid URL ({method} {path})", "invalid_request_error")
 
     def _auth_error(self, headers: Mapping[str, str]) -> Response | None:
-        value = headers.get("Authorization") or headers.get("authorization") or ""
-        scheme, _, token = value.partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and token == self.key:
-            return None
-        if not token:
-            message = (
-                "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-            )
-        else:
-            message = (
-                f"Incorrect API key provided: {token[:8]}***{token[-4:]}. You can find your API key at "
-                "https://platform.openai.com/account/api-keys."
-            )
-        return _error(401, message, "invalid_request_error", code="invalid_api_key")
+        token = _bearer(headers)
+        return None if token == self.key else _unauthorized(token)
 
     def _draw_fault(self) -> str | None:
         if self.fault_rate <= 0 or not self.faults or self._fault_rng.random() >= self.fault_rate:
@@ -1116,6 +1102,45 @@ class Simulator:
         return _error(404, f"Invalid URL ({method} {route})", "invalid_request_error")
 
 
+class Organizations:
+    """Several organizations behind one server, each a Simulator with its own key: a request is answered by the
+    organization whose key it carries (its events, its counters, its rate limit), a request with no such key 401."""
+
+    def __init__(self, orgs: Iterable[Simulator]) -> None:
+        self.by_key = {sim.key: sim for sim in orgs}
+
+    def handle(self, method: str, path: str, query: str, headers: Mapping[str, str]) -> Response:
+        token = _bearer(headers)
+        sim = self.by_key.get(token)
+        return _unauthorized(token) if sim is None else sim.handle(method, path, query, headers)
+
+
+def organizations(count: int, *, key: str, seed: int, **options: Any) -> Organizations:
+    """`count` organizations: the i-th (from 1) with key `<key>-<i>` and seed `seed + i - 1`, so each has a history
+    of its own (its own event ids); `options` are every one's (Simulator keywords)."""
+    return Organizations(Simulator(key=f"{key}-{i}", seed=seed + i - 1, **options) for i in range(1, count + 1))
+
+
+def _bearer(headers: Mapping[str, str]) -> str:
+    value = headers.get("Authorization") or headers.get("authorization") or ""
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _unauthorized(token: str) -> Response:
+    if not token:
+        message = (
+            "You didn't provide an API key. You need to provide your API key in an Authorization header "
+            "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    else:
+        message = (
+            f"Incorrect API key provided: {token[:8]}***{token[-4:]}. You can find your API key at "
+            "https://platform.openai.com/account/api-keys."
+        )
+    return _error(401, message, "invalid_request_error", code="invalid_api_key")
+
+
 def _fault_response(fault: str) -> Response:
     if fault in ("429", "429ms"):
         retry = ("Retry-After", "1") if fault == "429" else ("retry-after-ms", "20")
@@ -1191,11 +1216,18 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _App(Protocol):
+    def handle(self, method: str, path: str, query: str, headers: Mapping[str, str]) -> Response: ...
+
+
+App = TypeVar("App", bound=_App)  # a Simulator, or Organizations
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, sim: Simulator, port: int) -> None:
+    def __init__(self, sim: _App, port: int) -> None:
         self.sim = sim
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
@@ -1221,19 +1253,20 @@ class _HTTPServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class SimulatorServer:
-    """Context manager: serves a Simulator on 127.0.0.1 (port 0 = ephemeral) in a background thread.
+class SimulatorServer(Generic[App]):
+    """Context manager: serves a Simulator (or Organizations) on 127.0.0.1 (port 0 = ephemeral) in a background
+    thread.
 
     The socket is bound at construction, so `url` is known before start()."""
 
-    def __init__(self, sim: Simulator, port: int = 0) -> None:
+    def __init__(self, sim: App, port: int = 0) -> None:
         self.sim = sim
         self._server = _HTTPServer(sim, port)
         self.port: int = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._thread: threading.Thread | None = None
 
-    def start(self) -> SimulatorServer:
+    def start(self) -> SimulatorServer[App]:
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._server.serve_forever,
@@ -1253,7 +1286,7 @@ class SimulatorServer:
         # Keep-alive connections would otherwise outlive the server in their handler threads.
         self._server.close_connections()
 
-    def __enter__(self) -> SimulatorServer:
+    def __enter__(self) -> SimulatorServer[App]:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -1271,23 +1304,33 @@ def serve(
     tenant: bool = True,
     rate_limit: float | None = None,
     scenarios: tuple[str, ...] = (),
+    orgs: int = 1,
 ) -> None:
     """Blocking, for `audit-ingest simulate`: prints the base URL on one line, serves until SIGINT/SIGTERM.
-    `scenarios`: attacks (ingest.scenarios) planted among the events."""
+    `scenarios`: attacks (ingest.scenarios) planted among the events (of the first organization: their ids are
+    fixed). `orgs` > 1: that many organizations (`organizations`), `events` each."""
     from ingest.scenarios import plant
 
-    sim = Simulator(
-        events=events, seed=seed, fault_rate=fault_rate, key=key, latency=latency, tenant=tenant, rate_limit=rate_limit
-    )
+    options: dict[str, Any] = dict(
+        events=events, fault_rate=fault_rate, latency=latency, tenant=tenant, rate_limit=rate_limit
+    )  # fmt: skip
+    app: Simulator | Organizations
+    if orgs > 1:
+        app = organizations(orgs, key=key, seed=seed, **options)
+        first = next(iter(app.by_key.values()))
+        who = f"{orgs} organizations, seeds {seed} to {seed + orgs - 1}, keys {', '.join(map(repr, app.by_key))}"
+    else:
+        app = first = Simulator(key=key, seed=seed, **options)
+        who = f"seed {seed}, key {key!r}"
     for name in scenarios:
-        plant(sim, name)
+        plant(first, name)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with SimulatorServer(sim, port) as server:
+    with SimulatorServer(app, port) as server:
         print(server.url, flush=True)
         print(
-            f"audit-log simulator: {events} events, seed {seed}, fault rate {fault_rate}, key {key!r}"
+            f"audit-log simulator: {events} events, {who}, fault rate {fault_rate}"
             + (f", scenarios {', '.join(scenarios)}" if scenarios else ""),
             file=sys.stderr,
             flush=True,

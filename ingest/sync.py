@@ -33,6 +33,7 @@ from ingest.api import PAGE_SIZE, Client, Page, Query, fetch_pages
 from ingest.config import Settings, Source
 from ingest.errors import ApiError, BadResponseError, ConfigError, CursorRejected, Failure, IngestError, Interrupted
 from ingest.state import Key, SweepState
+from ingest.throttle import Budget
 
 log = logging.getLogger("ingest.sync")
 
@@ -77,6 +78,8 @@ class RunSummary:
     def line(self) -> str:
         if self.status == "skipped":
             return f"{self.source}: skipped, another ingester is syncing it"
+        if self.status == "done":
+            return f"{self.source}: skipped, another ingester synced it this tick"
         text = (
             f"{self.source}: {self.status}, {self.events_seen:,} events seen, {self.events_new:,} new, "
             f"{self.pages:,} pages, {self.requests:,} requests in {self.duration:.1f}s"
@@ -144,7 +147,15 @@ def feed_consumers(settings: Settings, warehouse: store.Warehouse) -> None:
     sinks.observe(warehouse, settings)
 
 
-def client_for(settings: Settings, source: Source, stop: threading.Event | None = None, transport=None) -> Client:
+def client_for(
+    settings: Settings,
+    source: Source,
+    stop: threading.Event | None = None,
+    transport=None,
+    budget: Budget | None = None,
+) -> Client:
+    """The source's client, starting requests within `budget` (the daemon's, shared by its sources), or within
+    `max_requests_per_second` of its own."""
     return Client(
         settings.base_url,
         source.admin_key(),
@@ -154,7 +165,7 @@ def client_for(settings: Settings, source: Source, stop: threading.Event | None 
         retry_max_delay=settings.retry_max_delay,
         stop=stop,
         transport=transport,
-        max_requests_per_second=settings.max_requests_per_second,
+        budget=budget or Budget(settings.max_requests_per_second),
     )
 
 
@@ -181,14 +192,20 @@ def sync_source(
     *,
     stop: threading.Event | None = None,
     on_progress: Progress | None = None,
+    unless_synced_since: datetime | None = None,
 ) -> RunSummary:
-    """The incremental sync of one source: per stream, resume the unfinished sweep or start one from the checkpoint."""
+    """The incremental sync of one source: per stream, resume the unfinished sweep or start one from the checkpoint.
+    With `unless_synced_since` (naive UTC, a daemon's tick), none if a run that ended ok started since (status
+    `done`): another daemon synced it this tick."""
     summary = RunSummary(source.name)
     with warehouse.connect() as conn:
         lock = warehouse.lock(conn, source.name, wait=settings.lock_wait, stop=stop)
         with lock if settings.source_lock else contextlib.nullcontext(True) as held:
             if not held:  # its line() is the one line the caller logs or prints
                 summary.status = "skipped"
+                return summary
+            if unless_synced_since is not None and _synced_since(conn, source.name, unless_synced_since):
+                summary.status = "done"
                 return summary
             with _recorded(conn, summary, client):
                 for key, filters in streams(source):
@@ -228,6 +245,16 @@ def sync_source(
                             complete(conn, state, settings.retention)  # its locks first (coverage.record)
                             _drop_parts(conn, key)
     return summary
+
+
+def _synced_since(conn: sa.Connection, source: str, since: datetime) -> bool:
+    """Whether an incremental run of `source` that ended ok started at `since` or later (read under its lock)."""
+    runs = model.sync_runs
+    found = sa.select(runs.c.id).where(
+        runs.c.source == source, runs.c.kind == "incremental", runs.c.status == "ok", runs.c.started_at >= since
+    )
+    with conn.begin():
+        return conn.execute(found.limit(1)).first() is not None
 
 
 def complete(conn: sa.Connection, state: SweepState, retention: float) -> None:

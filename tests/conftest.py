@@ -91,7 +91,13 @@ def db_url(request, tmp_path) -> str:
     """
     if request.param == "duckdb":
         return f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
-    database, admin = request.getfixturevalue("pg_database")
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def pg_url(pg_database) -> str:
+    """A fresh, empty PostgreSQL warehouse: a schema of its own in the session's database (see db_url)."""
+    database, admin = pg_database
     schema = f"test_{next(_schemas)}"
     admin(f'CREATE SCHEMA "{schema}"')
     return database.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)

@@ -1,6 +1,7 @@
 """The audit-log simulator, exercised over real HTTP and checked against brute force over `sim.events`."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -535,6 +536,39 @@ def test_serve_runs_until_sigterm():
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", url)
         r = httpx.get(url + AUDIT_LOGS, headers={"Authorization": "Bearer sk-cli"})
         assert r.status_code == 200 and len(r.json()["data"]) == 20
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_simulate_with_orgs_serves_each_organization_its_own_history_to_its_own_key_only():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_INGEST_", "OPENAI_"))}
+    env["OPENAI_ADMIN_KEY"] = "sk-admin-multi"
+    args = ["simulate", "--port", "0", "--orgs", "3", "--events", "150", "--seed", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "ingest", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = proc.stdout.readline().strip()
+        banner = proc.stderr.readline()
+        keys = [f"sk-admin-multi-{i}" for i in (1, 2, 3)]
+        assert "3 organizations, seeds 4 to 6" in banner and all(repr(k) in banner for k in keys), banner
+        served = {}
+        for i, key in enumerate(keys):
+            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as c:
+                served[key] = fetch_all(c, {}) + fetch_all(c, {"tenant_only": "true"})
+            # The i-th organization is the simulator of seed 4 + i: its own deterministic history.
+            assert sorted(served[key]) == sorted(e["id"] for e in Simulator(events=150, seed=4 + i).events)
+        assert len(set().union(*served.values())) == 3 * 150  # no event in two organizations
+        # Each key's counters are its organization's: two requests (one page per stream) each.
+        root = url.removesuffix("/v1")
+        for key in keys:
+            stats = httpx.get(root + "/_sim/stats", headers={"Authorization": f"Bearer {key}"}).json()
+            assert stats["requests"] == 2 and stats["events"] == 150
+        for key in ("sk-admin-multi", "sk-admin-multi-4", "sk-admin-multi-0"):
+            assert httpx.get(url + AUDIT_LOGS, headers={"Authorization": f"Bearer {key}"}).status_code == 401
+        assert httpx.get(url + AUDIT_LOGS).status_code == 401
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

@@ -1,11 +1,13 @@
 """Requests in flight adapt to 429s (AIMD), and a cap on requests a second keeps a client under a rate limit:
-against the simulator's token bucket over real HTTP, every event lands whatever the limit."""
+against the simulator's token bucket over real HTTP, every event lands whatever the limit. The cap is a budget
+the clients of a process share, each in turn."""
 
 from __future__ import annotations
 
 import threading
+import time
 
-from ingest.throttle import Throttle
+from ingest.throttle import Budget, Throttle
 
 
 def test_a_429_halves_the_requests_in_flight_and_successes_add_one_back():
@@ -35,6 +37,32 @@ def test_a_slot_waits_while_the_requests_allowed_are_in_flight():
         assert not entered.wait(0.3)
     assert entered.wait(5)
     thread.join()
+
+
+def test_the_shared_budget_gives_a_client_waiting_for_one_start_every_other_turn_beside_one_with_eight_waiting():
+    budget, stop, started = Budget(50), threading.Event(), {"big": 0, "small": []}
+    big, small = object(), object()
+
+    def hammer() -> None:  # a source with lots of history: 8 slices wanting starts all the time
+        while not stop.is_set():
+            budget.take(big, stop)
+            started["big"] += not stop.is_set()  # a take that `stop` ended started nothing
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    begin = time.monotonic()
+    for _ in range(10):
+        budget.take(small, stop)
+        started["small"].append(time.monotonic() - begin)
+    took = time.monotonic() - begin
+    stop.set()
+    for thread in threads:
+        thread.join()
+    # Round-robin: the small client's 10 starts took about 20 of the budget's 50 a second (FIFO: 90), and the two
+    # together stayed within the budget.
+    assert took < 0.7, started
+    assert started["big"] + 10 <= 50 * took + 2
 
 
 def test_a_backfill_against_a_rate_limited_api_backs_off_and_is_exact(simulator, duckdb_url, key_env):

@@ -33,6 +33,8 @@ class Backend(Protocol):
     # GIL; DuckDB's statements take it back often, so its batches are normalised between statements.
     NORMALISE_AHEAD: bool
     SNAPSHOT: dict[str, str]  # execution options of a read that sees one snapshot over several statements
+    # The daemon syncs several sources at once (each in its own session): PostgreSQL. A DuckDB file has one writer.
+    CONCURRENT_SOURCES: bool
     JSON_SQL: Any  # the engine's JSON functions for ingest.typed_sql (a typed_sql.JsonSQL)
 
     def engine_options(self, read_only: bool) -> dict[str, Any]:

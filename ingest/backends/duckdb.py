@@ -45,6 +45,7 @@ _BOUND_VALUES = 10
 # Every DuckDB transaction reads one snapshot.
 SNAPSHOT: dict[str, str] = {}
 NORMALISE_AHEAD = False
+CONCURRENT_SOURCES = False
 
 
 def engine_options(read_only: bool) -> dict[str, Any]:
