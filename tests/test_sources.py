@@ -16,23 +16,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from support import select
-from test_daemon import free_port, metric
+from test_daemon import _no_daemon_outlives_its_test, _started, free_port, metric  # noqa: F401  (the fixture)
 
 from ingest import model
 from ingest.errors import DatabaseError
 from ingest.simulator import Organizations, Simulator, SimulatorServer, is_tenant_scoped, organizations
-
-_started: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_daemon_outlives_its_test():
-    yield
-    while _started:
-        proc = _started.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def config(path: Path, orgs: Organizations, *, tenant_events: bool = True, **settings) -> tuple[Path, dict[str, str]]:
