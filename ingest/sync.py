@@ -191,44 +191,69 @@ def sync_source(
                 summary.status = "skipped"
                 return summary
             with _recorded(conn, summary, client):
-                for key, filters in streams(source):
-                    resumed = True
-                    while resumed:  # a resumed sweep ends at its old bound: then sweep again up to now
-                        with conn.begin():
-                            state = SweepState.load(conn, str(key)) or SweepState.for_key(key)
-                            resumed = state.unfinished
-                            split, parts = _parts(conn, key) if resumed else (False, [])
-                            if resumed:
-                                log.info("%s: resuming the unfinished sweep at cursor %s", key, state.sweep_cursor)
-                            else:
-                                gte: int | None
-                                if state.checkpoint is not None:
-                                    gte = state.checkpoint - int(settings.lookback)
-                                else:
-                                    gte = None if settings.start is None else int(settings.start.timestamp())
-                                state.start(gte, int(time.time()))
-                                state.save(conn)
-                        try:
-                            if not split:
-                                splitter = _Splitter(settings.workers, state.sweep_gte, int(settings.retention),
-                                                     first=state.checkpoint is None)  # fmt: skip
-                                sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress,
-                                      split=splitter)  # fmt: skip
-                                if splitter.parts:
-                                    with conn.begin():
-                                        parts = _split(conn, state, key, splitter)
-                            if parts:
-                                _pool(warehouse, client, [(p, filters) for p in parts], summary, settings.workers,
-                                      stop or threading.Event(), on_progress, settings.retention)  # fmt: skip
-                        except ApiError as exc:
-                            if not (key.tenant and exc.failure in NO_TENANT and summary.pages):
-                                raise
-                            _unavailable(conn, state, exc, summary)
-                            break
-                        with conn.begin():
-                            complete(conn, state, settings.retention)  # its locks first (coverage.record)
-                            _drop_parts(conn, key)
+                todo = streams(source)
+                while todo:  # a resumed sweep ends at its old bound: then sweep again up to now
+                    todo = _sweep_streams(warehouse, conn, client, todo, settings, summary, stop, on_progress)
     return summary
+
+
+def _sweep_streams(
+    warehouse: store.Warehouse, conn: sa.Connection, client: Client, todo: list[tuple[Key, Query]],
+    settings: Settings, summary: RunSummary, stop: threading.Event | None, on_progress: Progress | None,
+) -> list[tuple[Key, Query]]:  # fmt: skip
+    """One sweep of each stream: resumed, or started from its checkpoint. The slices of every stream split (now
+    or by a killed run) share one pool, so that the tenant stream's slices fill the workers the main stream's
+    leave idle. Returns the streams whose resumed sweep ended at an old bound: they sweep again up to now."""
+    again, split, pending = [], [], []
+    for key, filters in todo:
+        with conn.begin():
+            state = SweepState.load(conn, str(key)) or SweepState.for_key(key)
+            resumed = state.unfinished
+            was_split, parts = _parts(conn, key) if resumed else (False, [])
+            if resumed:
+                log.info("%s: resuming the unfinished sweep at cursor %s", key, state.sweep_cursor)
+            else:
+                gte: int | None
+                if state.checkpoint is not None:
+                    gte = state.checkpoint - int(settings.lookback)
+                else:
+                    gte = None if settings.start is None else int(settings.start.timestamp())
+                state.start(gte, int(time.time()))
+                state.save(conn)
+        if resumed:
+            again.append((key, filters))
+        try:
+            if not was_split:
+                splitter = _Splitter(settings.workers, state.sweep_gte, int(settings.retention),
+                                     first=state.checkpoint is None)  # fmt: skip
+                sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, split=splitter)
+                if splitter.parts:
+                    with conn.begin():
+                        parts = _split(conn, state, key, splitter)
+        except ApiError as exc:
+            if not (key.tenant and exc.failure in NO_TENANT and summary.pages):
+                raise
+            _unavailable(conn, state, exc, summary)
+            if resumed:
+                again.remove((key, filters))
+            continue
+        if parts:
+            split.append((key, state))
+            pending += [(p, filters) for p in parts]
+        else:
+            _complete_stream(conn, key, state, settings.retention)
+    if pending:
+        _pool(warehouse, client, pending, summary, settings.workers, stop or threading.Event(), on_progress,
+              settings.retention)  # fmt: skip
+    for key, state in split:
+        _complete_stream(conn, key, state, settings.retention)
+    return again
+
+
+def _complete_stream(conn: sa.Connection, key: Key, state: SweepState, retention: float) -> None:
+    with conn.begin():
+        complete(conn, state, retention)  # its locks first (coverage.record)
+        _drop_parts(conn, key)
 
 
 def complete(conn: sa.Connection, state: SweepState, retention: float) -> None:
