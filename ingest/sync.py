@@ -427,14 +427,15 @@ def _pool(
     warehouse: store.Warehouse, client: Client, pending: list[tuple[SweepState, Query]], summary: RunSummary,
     workers: int, stop: threading.Event, on_progress: Progress | None, retention: float,
 ) -> None:  # fmt: skip
-    """Sweeps the slices in a pool of `workers` threads, each with its own connection, sharing `client` (and so
-    its rate-limit pause and requests in flight) and one write lock; each slice's row is finished when done.
+    """Sweeps the slices, `workers` downloading at a time, each in a thread with its own connection, sharing
+    `client` (and so its rate-limit pause and requests in flight) and one write lock; each slice's row is
+    finished when done.
 
-    A worker out of slices splits the running slice with the most left to fetch (`_steal`) and sweeps the part
-    split off, so that one dense slice does not finish alone while the others idle. The queue and the running
-    slices change under the write lock, as the state rows do."""
+    A slice whose last page is served frees its place while it writes its last batches. A free place takes the
+    next slice, or else splits the running slice with the most left to fetch (`_steal`) and sweeps the part
+    split off, so that one dense slice does not finish alone while the others idle."""
     lock = threading.Lock()
-    changed = threading.Condition(lock)
+    changed = threading.Condition()  # the queue and the running slices; taken before `lock`, never inside it
     queued = list(pending)
     running: dict[str, tuple[SweepState, Query, _Reach]] = {}
     failed = threading.Event()  # a slice failed: the others finish theirs, and no worker takes another
@@ -442,14 +443,17 @@ def _pool(
     def take(conn: sa.Connection) -> tuple[SweepState, Query, _Reach] | None:
         with changed:
             while not (stop.is_set() or failed.is_set()):
-                if queued:
-                    found: tuple[SweepState, Query, _Reach] | None = (*queued.pop(0), _Reach())
-                else:
-                    found = _steal(conn, list(running.values()), summary, retention)
+                found: tuple[SweepState, Query, _Reach] | None = None
+                if sum(not reach.done for _, _, reach in running.values()) < workers:
+                    if queued:
+                        found = (*queued.pop(0), _Reach())
+                    else:
+                        with lock:
+                            found = _steal(conn, list(running.values()), summary, retention)
                 if found:
                     running[found[0].key] = found
                     return found
-                if not running:
+                if not running and not queued:
                     return None
                 changed.wait(STEAL_POLL)  # until a slice is done, or one has more to split off
         return None
@@ -461,7 +465,7 @@ def _pool(
                 try:
                     sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, lock=lock,
                           reach=reach)  # fmt: skip
-                    with changed, conn.begin():
+                    with lock, conn.begin():
                         complete(conn, state, retention)
                 except BaseException:
                     failed.set()
@@ -471,8 +475,9 @@ def _pool(
                         del running[state.key]
                         changed.notify_all()
 
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="slice") as pool:
-        futures = [pool.submit(work) for _ in range(max(1, workers))]
+    threads = 2 * max(1, workers)  # half of them at most writing their slices' last batches
+    with ThreadPoolExecutor(threads, thread_name_prefix="slice") as pool:
+        futures = [pool.submit(work) for _ in range(threads)]
         try:
             for future in as_completed(futures):
                 future.result()
@@ -634,6 +639,7 @@ def sweep(
 def _served(pages: Iterator[Page], state: SweepState, reach: _Reach) -> Iterator[Page]:
     """The pages down to the first one with an event below the sweep's lower bound, which `_steal` may raise
     meanwhile: newest first, every event at or above it was served before that one. `reach` follows them."""
+    reach.done = False  # a sweep restarted from its top (CursorRejected) downloads again
     for page in pages:
         oldest = min((e["effective_at"] for e in page.events), default=None)
         if oldest is not None:
