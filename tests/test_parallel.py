@@ -63,11 +63,11 @@ def test_a_split_first_sync_killed_mid_way_resumes_its_slices_and_ends_exact(sim
 def test_idle_workers_split_the_dense_slice_still_running_and_the_whole_window_is_covered(
     simulator, db_url, key_env, caplog
 ):
-    # Sparse history, then one dense hour at the top: the first sync's four equal slices of time leave that
-    # hour to one slice, which the three others, done after a page each, split while it runs.
+    # Sparse history, then one dense hour at the top (of the main stream): the first sync's four equal slices of
+    # time leave that hour to one slice, which the others, done after a page each, split while it runs.
     server = simulator(events=300, seed=64, latency=0.03)
     for minute in range(60):
-        server.sim.append(60, late_by=61 + 60 * minute)
+        server.sim.append(60, late_by=61 + 60 * minute, types=["login.succeeded", "api_key.created"])
     with caplog.at_level(logging.INFO, logger="ingest.sync"):
         [summary] = sync(server, db_url, workers=4)
     assert summary.status == "ok" and summary.events_new == len(server.sim.events)
