@@ -128,7 +128,12 @@ def test_backfill_killed_at_random_moments_ends_exact(simulator, tmp_path, kills
 
 
 def test_parallel_first_sync_killed_at_random_moments_ends_exact(simulator, tmp_path, kills):
-    server = simulator(events=max(40_000, 8_000 * kills), seed=23, latency=PARALLEL_LATENCY)
+    server = simulator(events=2_000, seed=23, latency=PARALLEL_LATENCY)
+    # Then a dense stretch of the last hours, oldest first: each stream's newest slice holds it, and the workers
+    # done with the sparse slices split it again and again while kills land.
+    appends = max(40_000, 8_000 * kills) // 200
+    for i in range(appends):
+        server.sim.append(200, late_by=61 + 10 * (appends - i))
     url = f"duckdb:///{tmp_path / 'crash.duckdb'}"
     env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}
     args = ["run", "--workers", "4"]
@@ -141,10 +146,12 @@ def test_parallel_first_sync_killed_at_random_moments_ends_exact(simulator, tmp_
 
     stored = kill_repeatedly(server, url, env, args, kills, tmp_path / "stderr.log", between)
     print(f"\nparallel first sync: {kills} kills survived; events stored at each kill: {stored}; slice rows: {slices}")
-    assert max(slices) >= 4  # split into 4 slices (more once idle workers split running ones), kept across kills
+    assert max(slices) >= 8  # each stream split into 4 slices, their rows kept across kills
     result = cli(*args, env=env)
     assert result.returncode == 0, result.stderr
     assert_exact(server, url)
+    # Slices split off running ones committed batches of their own.
+    assert scalar(url, "SELECT count(DISTINCT state_key) FROM ingest_batches WHERE state_key LIKE 'slice:%'") > 8
     assert scalar(url, "SELECT count(*) FROM sync_state WHERE sweep_lte IS NOT NULL OR kind = 'slice'") == 0
     assert scalar(url, "SELECT count(*) FROM sync_state WHERE kind = 'incremental' AND checkpoint IS NULL") == 0
     # Every slice, finished in whichever run, recorded its window: one window a stream, no gap.
