@@ -5,12 +5,16 @@ Keys (source names hold no `:` or `#`, config.Source checks):
 | kind | key | checkpoint |
 |---|---|---|
 | incremental | `<source>` or `<source>#tenant` | swept up to here (Unix s) |
-| backfill | `backfill:<source>:<since>:<until>:<i>/<n>` (+ `#tenant`) | set when the slice is done |
-| slice | `slice:<source>:<i>/<n>` (+ `#tenant`): a part of the stream's split sweep | set when the part is done |
+| backfill | `backfill:<source>:<since>:<until>:<i>/<n>` (+ `#tenant`); one split off a running slice: `...:<until>:<top>` | set when the slice is done |
+| slice | `slice:<source>:<top>` (+ `#tenant`): a part of the stream's split sweep | set when the part is done |
 | consumer | `consumer:<name>` | the last committed batch it processed (ingest_batches.seq) |
 
 A sweep covers [sweep_gte, sweep_lte] (Unix seconds, inclusive) newest first; `sweep_cursor` is the last id
 of the pages committed so far. All three are NULL when no sweep is unfinished.
+
+`<top>` is the slice's upper bound (sweep_lte). It names the slice uniquely among its sweep's slices: the slices
+of a sweep are disjoint, each holds its own top, and a slice's top never moves (splitting one raises the lower
+bound of the running part and gives the part below it a new slice).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ class Key:
     name: str  # the source, or the consumer
     tenant: bool = False
     window: tuple[int, int] = (0, 0)  # backfill: [since, until); (0, 0) for the other kinds
-    slice: tuple[int, int] = (0, 0)  # backfill and slice: (i, n)
+    slice: tuple[int, int] = (0, 0)  # backfill: (i, n), its place in the backfill's first slicing
+    top: int | None = None  # slice, and a backfill slice split off a running one: its upper bound
 
     @classmethod
     def parse(cls, text: str) -> Key:
@@ -41,12 +46,13 @@ class Key:
             return cls("consumer", text.removeprefix("consumer:"))
         body, tenant = (text.removesuffix(TENANT), True) if text.endswith(TENANT) else (text, False)
         if body.startswith("slice:"):
-            _, source, part = body.split(":")
-            i, n = part.split("/")
-            return cls("slice", source, tenant, slice=(int(i), int(n)))
+            _, source, top = body.split(":")
+            return cls("slice", source, tenant, top=int(top))
         if not body.startswith("backfill:"):
             return cls("incremental", body, tenant)
         _, source, since, until, part = body.split(":")
+        if "/" not in part:
+            return cls("backfill", source, tenant, (int(since), int(until)), top=int(part))
         i, n = part.split("/")
         return cls("backfill", source, tenant, (int(since), int(until)), (int(i), int(n)))
 
@@ -57,9 +63,10 @@ class Key:
         if self.kind == "incremental":
             return self.name + suffix
         if self.kind == "slice":
-            return f"slice:{self.name}:{self.slice[0]}/{self.slice[1]}{suffix}"
+            return f"slice:{self.name}:{self.top}{suffix}"
         (since, until), (i, n) = self.window, self.slice
-        return f"backfill:{self.name}:{since}:{until}:{i}/{n}{suffix}"
+        part = f"{i}/{n}" if self.top is None else str(self.top)
+        return f"backfill:{self.name}:{since}:{until}:{part}{suffix}"
 
     @staticmethod
     def backfill_prefix(source: str, since: int, until: int | None = None) -> str:

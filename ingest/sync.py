@@ -208,42 +208,9 @@ def sync_source(
                 summary.status = "done"
                 return summary
             with _recorded(conn, summary, client):
-                for key, filters in streams(source):
-                    resumed = True
-                    while resumed:  # a resumed sweep ends at its old bound: then sweep again up to now
-                        with conn.begin():
-                            state = SweepState.load(conn, str(key)) or SweepState.for_key(key)
-                            resumed = state.unfinished
-                            split, parts = _parts(conn, key) if resumed else (False, [])
-                            if resumed:
-                                log.info("%s: resuming the unfinished sweep at cursor %s", key, state.sweep_cursor)
-                            else:
-                                gte: int | None
-                                if state.checkpoint is not None:
-                                    gte = state.checkpoint - int(settings.lookback)
-                                else:
-                                    gte = None if settings.start is None else int(settings.start.timestamp())
-                                state.start(gte, int(time.time()))
-                                state.save(conn)
-                        try:
-                            if not split:
-                                splitter = _Splitter(settings.workers, state.sweep_gte, int(settings.retention))
-                                sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress,
-                                      split=splitter)  # fmt: skip
-                                if splitter.parts:
-                                    with conn.begin():
-                                        parts = _split(conn, state, key, splitter)
-                            if parts:
-                                _pool(warehouse, client, [(p, filters) for p in parts], summary, settings.workers,
-                                      stop or threading.Event(), on_progress, settings.retention)  # fmt: skip
-                        except ApiError as exc:
-                            if not (key.tenant and exc.failure in NO_TENANT and summary.pages):
-                                raise
-                            _unavailable(conn, state, exc, summary)
-                            break
-                        with conn.begin():
-                            complete(conn, state, settings.retention)  # its locks first (coverage.record)
-                            _drop_parts(conn, key)
+                todo = streams(source)
+                while todo:  # a resumed sweep ends at its old bound: then sweep again up to now
+                    todo = _sweep_streams(warehouse, conn, client, todo, settings, summary, stop, on_progress)
     return summary
 
 
@@ -255,6 +222,65 @@ def _synced_since(conn: sa.Connection, source: str, since: datetime) -> bool:
     )
     with conn.begin():
         return conn.execute(found.limit(1)).first() is not None
+
+
+def _sweep_streams(
+    warehouse: store.Warehouse, conn: sa.Connection, client: Client, todo: list[tuple[Key, Query]],
+    settings: Settings, summary: RunSummary, stop: threading.Event | None, on_progress: Progress | None,
+) -> list[tuple[Key, Query]]:  # fmt: skip
+    """One sweep of each stream: resumed, or started from its checkpoint. The slices of every stream split (now
+    or by a killed run) share one pool, so that the tenant stream's slices fill the workers the main stream's
+    leave idle. Returns the streams whose resumed sweep ended at an old bound: they sweep again up to now."""
+    again, split, pending = [], [], []
+    for key, filters in todo:
+        with conn.begin():
+            state = SweepState.load(conn, str(key)) or SweepState.for_key(key)
+            resumed = state.unfinished
+            was_split, parts = _parts(conn, key) if resumed else (False, [])
+            if resumed:
+                log.info("%s: resuming the unfinished sweep at cursor %s", key, state.sweep_cursor)
+            else:
+                gte: int | None
+                if state.checkpoint is not None:
+                    gte = state.checkpoint - int(settings.lookback)
+                else:
+                    gte = None if settings.start is None else int(settings.start.timestamp())
+                state.start(gte, int(time.time()))
+                state.save(conn)
+        if resumed:
+            again.append((key, filters))
+        try:
+            if not was_split:
+                splitter = _Splitter(settings.workers, state.sweep_gte, int(settings.retention),
+                                     first=state.checkpoint is None)  # fmt: skip
+                sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, split=splitter)
+                if splitter.parts:
+                    with conn.begin():
+                        parts = _split(conn, state, key, splitter)
+        except ApiError as exc:
+            if not (key.tenant and exc.failure in NO_TENANT and summary.pages):
+                raise
+            _unavailable(conn, state, exc, summary)
+            if resumed:
+                again.remove((key, filters))
+            continue
+        if parts:
+            split.append((key, state))
+            pending += [(p, filters) for p in parts]
+        else:
+            _complete_stream(conn, key, state, settings.retention)
+    if pending:
+        _pool(warehouse, client, pending, summary, settings.workers, stop or threading.Event(), on_progress,
+              settings.retention)  # fmt: skip
+    for key, state in split:
+        _complete_stream(conn, key, state, settings.retention)
+    return again
+
+
+def _complete_stream(conn: sa.Connection, key: Key, state: SweepState, retention: float) -> None:
+    with conn.begin():
+        complete(conn, state, retention)  # its locks first (coverage.record)
+        _drop_parts(conn, key)
 
 
 def complete(conn: sa.Connection, state: SweepState, retention: float) -> None:
@@ -273,14 +299,17 @@ def complete(conn: sa.Connection, state: SweepState, retention: float) -> None:
 
 @dataclass
 class _Splitter:
-    """Decides, after a sweep's first SPLIT_AFTER pages, whether to split the rest of its window into slices
-    fetched concurrently: when there are more pages, and the window left holds at least SPLIT_PAGES pages a
-    slice by the density of those seen. `parts` and `oldest` are then set, and the sweep stops there. Judged on
-    several pages, not one: an incremental window with a burst of new events at its top is not a long sweep."""
+    """Decides, after a sweep's first page (a first sync) or its first SPLIT_AFTER pages, whether to split the
+    rest of its window into slices fetched concurrently: when there are more pages, and the window left holds
+    at least SPLIT_PAGES pages a slice by the density of those seen. `parts` and `oldest` are then set, and the
+    sweep stops there. A first sync that goes on after a page is long (it reaches back to the retention); an
+    incremental window is judged on several pages: one with a burst of new events at its top is not long. A
+    wrong guess costs little: idle workers split the slices still running (`_steal`)."""
 
     workers: int
     gte: int | None
     retention: int  # the window's lower bound when it has none (a first sync): the API keeps no older events
+    first: bool = False  # a first sync: decided on its first page
     parts: int = 0
     oldest: int = 0
     _pages: int = 0
@@ -288,13 +317,13 @@ class _Splitter:
     _newest: int | None = None
 
     def stop_after(self, page: Page) -> bool:
-        """Whether the sweep stops after `page`: decided once, at page SPLIT_AFTER."""
+        """Whether the sweep stops after `page`: decided once, at page 1 of a first sync, else SPLIT_AFTER."""
         if self.workers < 2 or not page.events:
             return False
         times = [e["effective_at"] for e in page.events]
         self._pages, self._events = self._pages + 1, self._events + len(times)
         self._newest = max(times) if self._newest is None else self._newest
-        if self._pages != SPLIT_AFTER or not page.has_more:
+        if self._pages != (1 if self.first else SPLIT_AFTER) or not page.has_more:
             return False
         oldest = min(times)
         lower = self.gte if self.gte is not None else oldest - self.retention
@@ -307,10 +336,15 @@ class _Splitter:
         return True
 
 
-# A sweep still going after SPLIT_AFTER pages is split into slices of SPLIT_PAGES pages at least (by the density
-# seen so far).
+# An incremental sweep still going after SPLIT_AFTER pages is split into slices of SPLIT_PAGES pages at least
+# (by the density seen so far).
 SPLIT_AFTER = 5
 SPLIT_PAGES = 2
+# A worker out of work splits a running slice only if its unswept part is STEAL_SECONDS wide at least and holds
+# STEAL_PAGES pages by the slice's density so far; it looks again every STEAL_POLL seconds while none is.
+STEAL_SECONDS = 2
+STEAL_PAGES = 2
+STEAL_POLL = 0.02
 
 
 def _split(conn: sa.Connection, state: SweepState, key: Key, splitter: _Splitter) -> list[SweepState]:
@@ -322,7 +356,7 @@ def _split(conn: sa.Connection, state: SweepState, key: Key, splitter: _Splitter
     parts = []
     for i in range(n):
         lo, hi = lower + (top - lower + 1) * i // n, lower + (top - lower + 1) * (i + 1) // n - 1
-        part = SweepState.for_key(Key("slice", key.name, key.tenant, slice=(i, n)))
+        part = SweepState.for_key(Key("slice", key.name, key.tenant, top=hi))
         part.start(state.sweep_gte if i == 0 else lo, hi)
         part.save(conn)
         parts.append(part)
@@ -420,26 +454,111 @@ def _pool(
     warehouse: store.Warehouse, client: Client, pending: list[tuple[SweepState, Query]], summary: RunSummary,
     workers: int, stop: threading.Event, on_progress: Progress | None, retention: float,
 ) -> None:  # fmt: skip
-    """Sweeps the slices in a pool of `workers` threads, each with its own connection, sharing `client` (and so
-    its rate-limit pause and requests in flight) and one write lock; each slice's row is finished when done."""
+    """Sweeps the slices, `workers` downloading at a time, each in a thread with its own connection, sharing
+    `client` (and so its rate-limit pause and requests in flight) and one write lock; each slice's row is
+    finished when done.
+
+    A slice whose last page is served frees its place while it writes its last batches. A free place takes the
+    next slice, or else splits the running slice with the most left to fetch (`_steal`) and sweeps the part
+    split off, so that one dense slice does not finish alone while the others idle."""
     lock = threading.Lock()
+    changed = threading.Condition()  # the queue and the running slices; taken before `lock`, never inside it
+    queued = list(pending)
+    running: dict[str, tuple[SweepState, Query, _Reach]] = {}
+    failed = threading.Event()  # a slice failed: the others finish theirs, and no worker takes another
 
-    def run_slice(state: SweepState, filters: Query) -> None:
+    def take(conn: sa.Connection) -> tuple[SweepState, Query, _Reach] | None:
+        with changed:
+            while not (stop.is_set() or failed.is_set()):
+                found: tuple[SweepState, Query, _Reach] | None = None
+                if sum(not reach.done for _, _, reach in running.values()) < workers:
+                    if queued:
+                        found = (*queued.pop(0), _Reach())
+                    else:
+                        with lock:
+                            found = _steal(conn, list(running.values()), summary, retention)
+                if found:
+                    running[found[0].key] = found
+                    return found
+                if not running and not queued:
+                    return None
+                changed.wait(STEAL_POLL)  # until a slice is done, or one has more to split off
+        return None
+
+    def work() -> None:
         with warehouse.connect() as conn:
-            sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, lock=lock)
-            with lock, conn.begin():
-                complete(conn, state, retention)
+            while (found := take(conn)) is not None:
+                state, filters, reach = found
+                try:
+                    sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, lock=lock,
+                          reach=reach)  # fmt: skip
+                    with lock, conn.begin():
+                        complete(conn, state, retention)
+                except BaseException:
+                    failed.set()
+                    raise
+                finally:
+                    with changed:
+                        del running[state.key]
+                        changed.notify_all()
 
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="slice") as pool:
-        futures = [pool.submit(run_slice, state, filters) for state, filters in pending]
+    threads = 2 * max(1, workers)  # half of them at most writing their slices' last batches
+    with ThreadPoolExecutor(threads, thread_name_prefix="slice") as pool:
+        futures = [pool.submit(work) for _ in range(threads)]
         try:
             for future in as_completed(futures):
                 future.result()
         except BaseException as exc:
-            pool.shutdown(cancel_futures=True)  # slices not started yet stay pending for the rerun
+            failed.set()  # slices not started yet stay pending for the rerun
             if isinstance(exc, KeyboardInterrupt):
                 stop.set()  # running slices end after their current batch
             raise
+
+
+@dataclass
+class _Reach:
+    """How far a running sweep's download has got: what a worker out of work needs to split it (`_steal`)."""
+
+    oldest: int | None = None  # the oldest effective_at served so far
+    events: int = 0  # served so far
+    done: bool = False  # its last page is served: nothing left to split off
+
+
+def _steal(
+    conn: sa.Connection, running: list[tuple[SweepState, Query, _Reach]], summary: RunSummary, retention: float
+) -> tuple[SweepState, Query, _Reach] | None:
+    """Splits the running slice with the most events left by its density so far (under the write lock): of its
+    unswept part [lower bound, oldest second served] (newest first, everything above is served), the older half
+    becomes a new slice; the running slice's lower bound moves up to the rest, saved with the new row in one
+    transaction, and its sweep ends once it is served an event below that bound (`_served`). A slice open
+    below (a first sync's oldest) counts its unswept part from the retention; the part split off stays open."""
+    best: tuple[float, int, SweepState, Query] | None = None
+    floor = int(time.time() - retention)
+    for state, filters, reach in running:
+        if reach.done or reach.oldest is None or state.sweep_lte is None:
+            continue
+        lower = state.sweep_gte if state.sweep_gte is not None else floor
+        left = (reach.oldest - lower) * reach.events / max(1, state.sweep_lte - reach.oldest + 1)
+        if reach.oldest - lower >= STEAL_SECONDS and left >= STEAL_PAGES * PAGE_SIZE and (not best or left > best[0]):
+            best = (left, (lower + reach.oldest + 1) // 2, state, filters)
+    if best is None:
+        return None
+    _, mid, state, filters = best
+    part = SweepState.for_key(dataclasses.replace(Key.parse(state.key), slice=(0, 0), top=mid - 1))
+    part.start(state.sweep_gte, mid - 1)
+    with conn.begin():
+        part.save(conn)
+        dataclasses.replace(state, sweep_gte=mid).save(conn)
+    state.sweep_gte = mid  # the running sweep's saves write this bound from now on
+    if state.key in summary.coverage:  # progress: the running slice's window is narrower now
+        done, _ = summary.coverage[state.key]
+        summary.coverage[state.key] = (min(done, state.width), state.width)
+    log.info("%s: split at %s, the part below goes on as %s", state.key, _when(mid), part.key)
+    return part, filters, _Reach()
+
+
+def _when(t: int) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat()
 
 
 def _slices(
@@ -447,9 +566,10 @@ def _slices(
 ) -> list[tuple[SweepState, Query]]:
     """The unfinished slice sweeps of the backfill [since, until), created on its first run.
 
-    Keys are `backfill:<source>:<since>:<until>:<i>/<n>` plus the stream suffix. A rerun finds the rows of
-    the killed run and resumes them, with their slicing whatever `workers` says now; without `until` it
-    resumes the unfinished backfill that started at `since`, if there is one.
+    Keys are `backfill:<source>:<since>:<until>:<i>/<n>` plus the stream suffix, and `...:<until>:<top>` for a
+    slice split off a running one. A rerun finds the rows of the killed run and resumes them, with their slicing
+    whatever `workers` says now; without `until` it resumes the unfinished backfill that started at `since`, if
+    there is one.
     """
     rows = conn.execute(
         sa.select(model.sync_state.c.key, model.sync_state.c.checkpoint).where(
@@ -461,18 +581,18 @@ def _slices(
         unfinished = [k for k, r in zip(keys, rows, strict=True) if r.checkpoint is None and k.window[0] == since]
         until = unfinished[0].window[1] if unfinished else math.ceil(time.time())
     existing = [k for k in keys if k.window == (since, until)]
-    n = existing[0].slice[1] if existing else max(1, min(workers, until - since))
+    n = next((k.slice[1] for k in existing if k.top is None), max(1, min(workers, until - since)))
     pending = []
     # Stream by stream: the pool starts every slice of the main stream before the (usually smaller) tenant
     # stream's, so that no worker is left with a large sweep at the end while the others idle.
     for stream_key, filters in streams(source):
-        for i in range(n):
-            lo, hi = since + (until - since) * i // n, since + (until - since) * (i + 1) // n - 1
-            key = Key("backfill", source.name, stream_key.tenant, (since, until), (i, n))
+        found = [k for k in existing if k.tenant == stream_key.tenant]
+        for key in found or [Key("backfill", source.name, stream_key.tenant, (since, until), (i, n)) for i in range(n)]:
             state = SweepState.load(conn, str(key))
             if state is None:
+                i = key.slice[0]
                 state = SweepState.for_key(key)
-                state.start(lo, hi)
+                state.start(since + (until - since) * i // n, since + (until - since) * (i + 1) // n - 1)
                 state.save(conn)
             if state.checkpoint is None:
                 pending.append((state, filters))
@@ -492,23 +612,27 @@ def sweep(
     on_progress: Progress | None = None,
     lock: threading.Lock | None = None,
     split: _Splitter | None = None,
+    reach: _Reach | None = None,
 ) -> None:
     """Fetches the window in `state` from its cursor to the end, committing batches with the cursor; or, when
-    `split` says so, up to its page (the caller sweeps the rest in slices).
+    `split` says so, up to its page (the caller sweeps the rest in slices). How far it has got is kept in
+    `reach`; another worker may raise `state.sweep_gte` meanwhile (`_steal`), and the sweep then ends there.
 
-    Concurrent sweeps (backfill slices) share `lock`: it serialises their writes and `summary` updates,
+    Concurrent sweeps (slices) share `lock`: it serialises their writes and `summary` updates,
     because concurrent upserts of the same actor rows would conflict (DuckDB) or deadlock (PostgreSQL).
     """
-    gte, lte = state.sweep_gte, state.sweep_lte
+    lte = state.sweep_lte
     assert lte is not None, "a sweep in progress has an upper bound"
-    query = dataclasses.replace(filters, gte=gte, lte=lte)
-    if gte is not None:
-        summary.coverage[state.key] = (0, lte - gte + 1)
+    if state.sweep_gte is not None:
+        summary.coverage[state.key] = (0, state.width)
     stop = stop or threading.Event()
     lock = lock or threading.Lock()
+    reach = reach or _Reach()
     while True:
         try:
-            pages = _ahead(_until_split(fetch_pages(client, query, state.sweep_cursor), split), PREFETCH_PAGES)
+            query = dataclasses.replace(filters, gte=state.sweep_gte, lte=lte)
+            served = _served(fetch_pages(client, query, state.sweep_cursor), state, reach)
+            pages = _ahead(_until_split(served, split), PREFETCH_PAGES)
             if backends.for_dialect(conn.dialect.name).NORMALISE_AHEAD:
                 batches = _ahead(_normalised(pages, state.source, conn.dialect.name), 1)
             else:  # see PREFETCH_PAGES: no Python work beside the engine's statements
@@ -520,8 +644,8 @@ def sweep(
                     on_progress(summary)
                 if stop.is_set():
                     raise Interrupted("stopped")
-            if gte is not None:
-                summary.coverage[state.key] = (lte - gte + 1, lte - gte + 1)
+            if state.sweep_gte is not None:
+                summary.coverage[state.key] = (state.width, state.width)
             return
         except CursorRejected as exc:
             if state.sweep_cursor is None:
@@ -537,6 +661,21 @@ def sweep(
                 store.save_rejected(conn, state.source, [(exc.body, "unusable page: " + str(exc))])
             summary.rejected += 1
             raise
+
+
+def _served(pages: Iterator[Page], state: SweepState, reach: _Reach) -> Iterator[Page]:
+    """The pages down to the first one with an event below the sweep's lower bound, which `_steal` may raise
+    meanwhile: newest first, every event at or above it was served before that one. `reach` follows them."""
+    reach.done = False  # a sweep restarted from its top (CursorRejected) downloads again
+    for page in pages:
+        oldest = min((e["effective_at"] for e in page.events), default=None)
+        if oldest is not None:
+            reach.oldest, reach.events = oldest, reach.events + len(page.events)
+        reach.done = not page.has_more
+        yield page
+        if oldest is not None and state.sweep_gte is not None and oldest < state.sweep_gte:
+            reach.done = True
+            return
 
 
 def _until_split(pages: Iterator[Page], split: _Splitter | None) -> Iterator[Page]:

@@ -200,8 +200,9 @@ BAD_BODIES = {
 
 def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulator, db_url, monkeypatch):
     """A page that never parses has no cursor beyond it: its body goes to rejected_events, the run fails
-    with one line (exit 7), the checkpoint stays. One run per kind of bad body, each at the same page;
-    the run after the API recovers is exact."""
+    with one line (exit 7), the checkpoint stays. One run per kind of bad body, each at the same page of one
+    sweep (one worker: a first sync is otherwise split after its first page); the run after the API recovers
+    is exact."""
     monkeypatch.setattr(ingest.sync, "BATCH_EVENTS", 100)  # a commit per page: all pages before the bad one land
     server = simulator(events=700, seed=43)
     stream = [e for e in server.sim.events if not is_tenant_scoped(e["type"])]
@@ -214,7 +215,7 @@ def test_unusable_pages_are_quarantined_and_fail_the_run_then_it_resumes(simulat
 
     for number, (kind, served_body) in enumerate(BAD_BODIES.items(), 1):
         with pytest.raises(BadResponseError) as caught:
-            sync(server, url, transport=Corrupting(corrupt), max_retries=1)
+            sync(server, url, transport=Corrupting(corrupt), max_retries=1, workers=1)
         assert caught.value.exit_code == 7
         assert "\n" not in str(caught.value) and "unusable response body" in str(caught.value), kind
         quarantined = dict(rejected_rows(url))
@@ -236,7 +237,7 @@ def test_a_transiently_bad_body_is_retried_not_quarantined(simulator, db_url):
     seen = []
 
     def corrupt(request: httpx.Request, body: bytes) -> bytes | None:
-        seen.append((request.url.params.get("after"), request.url.params.get("tenant_only")))
+        seen.append(str(request.url))  # a page of a slice: its bounds, stream and cursor
         return body[: len(body) // 3] if seen.count(seen[-1]) <= 2 else None  # each page: twice bad, then good
 
     url = db_url

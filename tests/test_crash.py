@@ -25,6 +25,8 @@ LATENCY = 0.005
 # A backfill's workers fetch in parallel: it needs more time per page to outlast its kills (at 30 ms, a
 # balanced 2-worker backfill on a fast machine sometimes finished before its sixth kill).
 BACKFILL_LATENCY = 0.05
+# A first sync's four workers, twice the backfill's: twice its latency for the same events a second.
+PARALLEL_LATENCY = 0.1
 
 
 @pytest.fixture
@@ -72,14 +74,14 @@ def kill_repeatedly(server, url: str, env: dict, args: list[str], kills: int, lo
     return stored
 
 
-def stored_count(url: str) -> int:
-    """Events in the warehouse; 0 before the first run created its tables."""
+def stored_count(url: str, query: str = "SELECT count(*) FROM audit_events") -> int:
+    """Events in the warehouse (or `query`'s count); 0 before the first run created its tables."""
     warehouse = Warehouse(url)
     try:
         with warehouse.connect() as conn:
             if not sa.inspect(conn).has_table("audit_events"):
                 return 0
-            return conn.execute(sa.text("SELECT count(*) FROM audit_events")).scalar()
+            return conn.execute(sa.text(query)).scalar()
     finally:
         warehouse.dispose()
 
@@ -123,3 +125,34 @@ def test_backfill_killed_at_random_moments_ends_exact(simulator, tmp_path, kills
     result = cli(*args, env=env)
     assert result.returncode == 0, result.stderr
     assert_exact(server, url)
+
+
+def test_parallel_first_sync_killed_at_random_moments_ends_exact(simulator, tmp_path, kills):
+    server = simulator(events=2_000, seed=23, latency=PARALLEL_LATENCY)
+    # Then a dense stretch of the last hours, oldest first: each stream's newest slice holds it, and the workers
+    # done with the sparse slices split it again and again while kills land.
+    appends = max(40_000, 8_000 * kills) // 200
+    for i in range(appends):
+        server.sim.append(200, late_by=61 + 10 * (appends - i))
+    url = f"duckdb:///{tmp_path / 'crash.duckdb'}"
+    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": url}
+    args = ["run", "--workers", "4"]
+    slices: list[int] = []  # the slice rows of the split first sync after each kill
+
+    def between(killed: bool) -> None:
+        if not killed:
+            pytest.fail(f"the first sync finished after only {len(slices)} kills: give it more events")
+        slices.append(stored_count(url, "SELECT count(*) FROM sync_state WHERE kind = 'slice'"))
+
+    stored = kill_repeatedly(server, url, env, args, kills, tmp_path / "stderr.log", between)
+    print(f"\nparallel first sync: {kills} kills survived; events stored at each kill: {stored}; slice rows: {slices}")
+    assert max(slices) >= 8  # each stream split into 4 slices, their rows kept across kills
+    result = cli(*args, env=env)
+    assert result.returncode == 0, result.stderr
+    assert_exact(server, url)
+    # Slices split off running ones committed batches of their own.
+    assert scalar(url, "SELECT count(DISTINCT state_key) FROM ingest_batches WHERE state_key LIKE 'slice:%'") > 8
+    assert scalar(url, "SELECT count(*) FROM sync_state WHERE sweep_lte IS NOT NULL OR kind = 'slice'") == 0
+    assert scalar(url, "SELECT count(*) FROM sync_state WHERE kind = 'incremental' AND checkpoint IS NULL") == 0
+    # Every slice, finished in whichever run, recorded its window: one window a stream, no gap.
+    assert scalar(url, "SELECT count(*) FROM sweep_windows") == 2

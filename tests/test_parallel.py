@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import logging
 
-from support import KEY, kill_run_after, scalar, stored_events, sync
+import sqlalchemy as sa
+from support import KEY, kill_run_after, scalar, select, stored_events, sync
+
+from ingest import coverage
+from ingest.model import is_tenant_scoped
+from ingest.store import Warehouse
 
 
 def assert_exact(sim, url) -> None:
@@ -52,4 +57,37 @@ def test_a_split_first_sync_killed_mid_way_resumes_its_slices_and_ends_exact(sim
     [summary] = sync(server, db_url, lock_wait=True, workers=4)
     assert summary.status == "ok"
     assert_exact(server.sim, db_url)
+    assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'slice'") == 0
+
+
+def test_idle_workers_split_the_dense_slice_still_running_and_the_whole_window_is_covered(
+    simulator, db_url, key_env, caplog
+):
+    # Sparse history, then one dense hour at the top (of the main stream): the first sync's four equal slices of
+    # time leave that hour to one slice, which the others, done after a page each, split while it runs.
+    server = simulator(events=300, seed=64, latency=0.03)
+    for minute in range(60):
+        server.sim.append(60, late_by=61 + 60 * minute, types=["login.succeeded", "api_key.created"])
+    with caplog.at_level(logging.INFO, logger="ingest.sync"):
+        [summary] = sync(server, db_url, workers=4)
+    assert summary.status == "ok" and summary.events_new == len(server.sim.events)
+    assert any("in 4 slices" in r.getMessage() for r in caplog.records)
+    assert_exact(server.sim, db_url)
+    # Slices split off running ones committed batches of their own: the main stream's batches came from more
+    # slices than the four the split made.
+    query = (
+        "SELECT DISTINCT state_key FROM ingest_batches WHERE state_key LIKE 'slice:%' AND state_key NOT LIKE '%#tenant'"
+    )
+    split_off = sum("the part below goes on as" in r.getMessage() for r in caplog.records)
+    assert split_off >= 1 and len(select(db_url, sa.text(query))) > 4
+    # Every slice's window was recorded: one window a stream, from the oldest event (or before) to the run's end.
+    warehouse = Warehouse(db_url)
+    try:
+        with warehouse.connect() as conn:
+            found = {tenant: coverage.union(conn, "default", tenant) for tenant in (False, True)}
+    finally:
+        warehouse.dispose()
+    for tenant, windows in found.items():
+        served = [e["effective_at"] for e in server.sim.events if is_tenant_scoped(e["type"]) == tenant]
+        assert len(windows) == 1 and windows[0].gte <= min(served) and windows[0].lte >= max(served)
     assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'slice'") == 0

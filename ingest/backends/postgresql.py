@@ -44,7 +44,9 @@ _COPY_TYPES: dict[type, str] = {
 
 
 def engine_options(read_only: bool) -> dict[str, Any]:
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    # No cap on overflow connections: a run's slice pool holds one a thread, 2 x workers (ingest.sync._pool), past
+    # the default cap of 15 from 8 workers on; `workers` (at most 64) bounds them.
+    options: dict[str, Any] = {"pool_pre_ping": True, "max_overflow": -1}
     if read_only:
         options["execution_options"] = {"postgresql_readonly": True}
     return options
