@@ -304,7 +304,11 @@ class _Splitter:
     at least SPLIT_PAGES pages a slice by the density of those seen. `parts` and `oldest` are then set, and the
     sweep stops there. A first sync that goes on after a page is long (it reaches back to the retention); an
     incremental window is judged on several pages: one with a burst of new events at its top is not long. A
-    wrong guess costs little: idle workers split the slices still running (`_steal`)."""
+    wrong guess costs little: idle workers split the slices still running (`_steal`).
+
+    Only an API slower than SPLIT_LATENCY a page is worth it: concurrent downloads hide its latency, while pages
+    served faster than this machine stores them (a local simulator, say) make the run CPU-bound, and its
+    threads then slow the writer down (benchmarks/README.md, "a fast API")."""
 
     workers: int
     gte: int | None
@@ -315,6 +319,7 @@ class _Splitter:
     _pages: int = 0
     _events: int = 0
     _newest: int | None = None
+    _started: float = field(default_factory=time.monotonic)
 
     def stop_after(self, page: Page) -> bool:
         """Whether the sweep stops after `page`: decided once, at page 1 of a first sync, else SPLIT_AFTER."""
@@ -324,6 +329,8 @@ class _Splitter:
         self._pages, self._events = self._pages + 1, self._events + len(times)
         self._newest = max(times) if self._newest is None else self._newest
         if self._pages != (1 if self.first else SPLIT_AFTER) or not page.has_more:
+            return False
+        if (time.monotonic() - self._started) / self._pages < SPLIT_LATENCY:
             return False
         oldest = min(times)
         lower = self.gte if self.gte is not None else oldest - self.retention
@@ -340,6 +347,7 @@ class _Splitter:
 # (by the density seen so far).
 SPLIT_AFTER = 5
 SPLIT_PAGES = 2
+SPLIT_LATENCY = 0.02  # seconds a page: the real API takes hundreds of milliseconds, a local simulator a few
 # A worker out of work splits a running slice only if its unswept part is STEAL_SECONDS wide at least and holds
 # STEAL_PAGES pages by the slice's density so far; it looks again every STEAL_POLL seconds while none is.
 STEAL_SECONDS = 2

@@ -83,7 +83,8 @@ def assert_whole_commits(sim, url: str) -> None:
 
 
 def test_every_kind_of_fault_at_15_percent_ends_exact(simulator, db_url):
-    server = simulator(events=12_000, seed=31, fault_rate=0.15, faults=ALL_FAULTS)
+    # 30 ms a page: an API slow enough for a first sync to be split (sync.SPLIT_LATENCY).
+    server = simulator(events=12_000, seed=31, fault_rate=0.15, faults=ALL_FAULTS, latency=0.03)
     [summary] = sync(server, db_url)
     injected = dict(server.sim.faults_injected)
     assert all(injected[kind] > 0 for kind in ALL_FAULTS), injected

@@ -19,7 +19,7 @@ def assert_exact(sim, url) -> None:
 
 
 def test_a_first_sync_is_split_into_slices_and_is_exact(simulator, db_url, key_env, caplog):
-    server = simulator(events=6000, seed=61)
+    server = simulator(events=6000, seed=61, latency=0.03)  # slower than sync.SPLIT_LATENCY a page
     with caplog.at_level(logging.INFO, logger="ingest.sync"):
         [summary] = sync(server, db_url, workers=4)
     assert summary.status == "ok" and summary.events_new == 6000
@@ -33,6 +33,20 @@ def test_a_first_sync_is_split_into_slices_and_is_exact(simulator, db_url, key_e
     [summary] = sync(server, db_url, workers=4)
     assert summary.events_new == 50 and server.sim.requests - before == 2  # one page a stream: no split
     assert_exact(server.sim, db_url)
+
+
+def test_a_first_sync_from_an_api_faster_than_this_machine_stores_its_pages_stays_one_sweep(
+    simulator, duckdb_url, key_env, caplog, monkeypatch
+):
+    monkeypatch.setattr("ingest.sync.SPLIT_LATENCY", 10.0)  # any page is served faster than that
+    server = simulator(events=6000, seed=61, latency=0.03)
+    with caplog.at_level(logging.INFO, logger="ingest.sync"):
+        [summary] = sync(server, duckdb_url, workers=4)
+    assert summary.events_new == 6000 and not any("slices" in r.getMessage() for r in caplog.records)
+    assert scalar(duckdb_url, "SELECT count(*) FROM ingest_batches WHERE state_key LIKE 'slice:%'") == 0
+    tenant = sum(is_tenant_scoped(e["type"]) for e in server.sim.events)
+    assert server.sim.requests == (6000 - tenant) // 100 + 1 + tenant // 100 + 1  # each stream's pages, in order
+    assert_exact(server.sim, duckdb_url)
 
 
 def test_a_small_first_sync_makes_one_request_a_stream(simulator, duckdb_url, key_env):
