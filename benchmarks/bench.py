@@ -173,7 +173,7 @@ def run_without_writes() -> None:
 
     from ingest import store
 
-    store.save_batch = lambda conn, batch: set()
+    store.save_batch = lambda conn, batch, seq=None: set()
     sys.argv = ["audit-ingest", "run"]
     runpy.run_module("ingest", run_name="__main__")
 
@@ -194,8 +194,10 @@ def writes_alone(base_url: str, database_url: str) -> None:
         for tenant in (False, True):
             pages = fetch_pages(client, Query(lte=int(time.time()), tenant_only=tenant))
             batches += sync._normalised(pages, "bench", warehouse.dialect)
-    state = {"key": "bench", "source": "bench", "kind": "incremental", "checkpoint": None,
-             "sweep_gte": None, "sweep_lte": None, "sweep_cursor": None}  # fmt: skip
+    from ingest.state import Key, SweepState
+
+    state = SweepState.for_key(Key("incremental", "bench", False))
+    state.start(None, int(time.time()))
     summary, lock = sync.RunSummary("bench"), threading.Lock()
     start = time.perf_counter()
     with warehouse.connect() as conn:
