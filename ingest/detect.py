@@ -495,11 +495,10 @@ def events_hash(event_ids: Iterable[str]) -> str:
 
 
 def evaluate(
-    conn: sa.Connection, rules: RuleSet, batches: list[batchlog.CommittedBatch], earlier: Earlier | None = None
+    conn: sa.Connection, rules: RuleSet, batches: list[batchlog.CommittedBatch], earlier: Earlier
 ) -> list[Alert]:  # fmt: skip
     """The alerts the events of `batches` raise. `earlier`: what the evaluation of the batches just before these
     matched (the same consumer's run, which reads the log in chunks); it takes this evaluation's matches too."""
-    earlier = earlier if earlier is not None else Earlier(batches[0].seq)
     active = rules.active()
     by_id = rules.by_id()
     matchers = {r.rule_id: Matcher(r) for r in rules.rules if not r.correlation}
