@@ -7,12 +7,15 @@ happen exactly once; its effects outside it (a POST, a syslog line) at least onc
 before the commit delivers those batches again, and a `process` that raises moves nothing.
 
 One consumer's failure never stops ingestion or the other consumers: it is logged, and the next run retries.
+`alongside` feeds consumers while a sync runs, so that they keep up with its commits.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 import sqlalchemy as sa
@@ -22,6 +25,8 @@ from ingest.errors import DatabaseError, IngestError
 from ingest.state import ConsumerState
 
 log = logging.getLogger("ingest.consumers")
+
+ROUND_SECONDS = 0.2  # how long `alongside` waits, once its consumers are level with the log, before looking again
 
 
 class Consumer(Protocol):
@@ -66,6 +71,40 @@ def run(
                 if on_error:
                     on_error(consumer, error)
     return done
+
+
+@contextmanager
+def alongside(warehouse: store.Warehouse, consumers: Sequence[Consumer]) -> Iterator[list[Consumer]]:
+    """Feeds `consumers` in a thread while the block runs (a sync), round after round, each processing what
+    committed since the last (ROUND_SECONDS apart once they are level with the log), so that a first sync's
+    rules run while its workers wait on the API, not after it. Yields the consumers that have not failed: one that fails is logged and fed no more, and
+    the caller should not feed it either: the next run retries it from its checkpoint. The block's end waits
+    for the round in progress; what committed after that round is the caller's to feed."""
+    healthy = list(consumers)
+    if not healthy:
+        yield healthy
+        return
+    done = threading.Event()
+    crashed: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            while not done.is_set():
+                fed = run(warehouse, list(healthy), on_error=lambda consumer, _: healthy.remove(consumer))
+                if not any(fed.values()):
+                    done.wait(ROUND_SECONDS)
+        except BaseException as exc:  # a bug: raised in the caller's thread once the block has ended
+            crashed.append(exc)
+
+    thread = threading.Thread(target=follow, name="consumers", daemon=True)
+    thread.start()
+    try:
+        yield healthy
+    finally:
+        done.set()
+        thread.join()
+    if crashed:
+        raise crashed[0]
 
 
 def configured(settings) -> list[Consumer]:

@@ -91,13 +91,33 @@ def rule_files(rules_dir: str | Path | None) -> list[Path]:
 
 def load(rules_dir: str | Path | None = None, placeholders: dict[str, list[str]] | None = None) -> RuleSet:
     """Every rule of the pack and of `rules_dir`, parsed and validated: a rule that does not parse, names
-    a field no event has, or uses what this engine cannot evaluate raises RulesError naming file and field."""
+    a field no event has, or uses what this engine cannot evaluate raises RulesError naming file and field.
+    Parsed once while the files stay as they are: a run checks its rules at start and evaluates them after
+    (the same parse), and a daemon reads an edited file at its next tick."""
+    placeholders = placeholders or {}
+    files = rule_files(rules_dir)
+    try:
+        key = (
+            tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files),
+            tuple(sorted((name, tuple(values)) for name, values in placeholders.items())),
+        )
+    except OSError:  # a file gone: the parse names it
+        return _parse(files, placeholders)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = _parse(files, placeholders)
+    return _loaded[key]
+
+
+_loaded: dict[tuple, RuleSet] = {}
+
+
+def _parse(files: list[Path], placeholders: dict[str, list[str]]) -> RuleSet:
     from sigma.collection import SigmaCollection
     from sigma.exceptions import SigmaError
 
-    placeholders = placeholders or {}
     loaded: list[Rule] = []
-    for path in rule_files(rules_dir):
+    for path in files:
         try:
             collection = SigmaCollection.from_yaml(path.read_text(encoding="utf-8"), resolve_references=False)
         except yaml.YAMLError as exc:
@@ -525,22 +545,47 @@ def evaluate(
             if triggers:
                 alerts.extend(_correlate(conn, rule, bases, matchers, triggers, historical, earlier, hits))
     for base_id in {ref.reference for r in active if r.correlation for ref in r.sigma.rules}:  # once: bases are shared
-        earlier.hits.setdefault(base_id, []).extend(hits[base_id])
+        earlier.add(base_id, hits[base_id])
     return alerts
 
 
 @dataclass
 class Earlier:
-    """The events a consumer's run has matched so far, by base rule of a correlation, from batch `first` on: a
-    correlation's window reads only what committed before `first` back from the warehouse."""
+    """The events a consumer's run has matched so far, by base rule of a correlation, in time order, from batch
+    `first` on: a correlation's window reads only what committed before `first` back from the warehouse."""
 
     first: int
     hits: dict[str, list[batchlog.StoredEvent]] = field(default_factory=dict)
 
+    def add(self, base_id: str, events: list[batchlog.StoredEvent]) -> None:
+        found = self.hits.setdefault(base_id, [])
+        found.extend(events)
+        found.sort(key=_time)  # two sorted runs: merged in linear time
 
-def _group(rule: Rule, base_id: str, event: dict) -> tuple | None:
+    def near(self, base_id: str, spans: list[tuple[datetime, datetime]]) -> Iterator[batchlog.StoredEvent]:
+        """The matches of `base_id` within the (disjoint, ordered) spans."""
+        found = self.hits.get(base_id, [])
+        for lo, hi in spans:
+            yield from found[bisect.bisect_left(found, lo, key=_time) : bisect.bisect_right(found, hi, key=_time)]
+
+
+def _time(event: batchlog.StoredEvent) -> datetime:
+    return event.effective_at
+
+
+def _spans(times: list[datetime], span: timedelta) -> list[tuple[datetime, datetime]]:
+    """The union of [t - span, t + span] over `times` (sorted), as disjoint intervals in order."""
+    merged: list[tuple[datetime, datetime]] = []
+    for t in times:
+        if merged and t - span <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], t + span)
+        else:
+            merged.append((t - span, t + span))
+    return merged
+
+
+def _group(rule: Rule, aliases: dict[str, dict[str, str]], base_id: str, event: dict) -> tuple | None:
     """The event's values of the correlation's group-by fields (aliases resolved); None when one is absent."""
-    aliases = {a.alias: {ref.reference: f for ref, f in a.mapping.items()} for a in rule.sigma.aliases}
     key = []
     for name in rule.sigma.group_by or []:
         path = aliases[name].get(base_id, name) if name in aliases else name
@@ -559,21 +604,27 @@ def _correlate(
     here. A first sync's window is most of the log: reading it back would cost more than the evaluation.
 
     A window counts when it holds one of the batches' matches (a trigger): those end at a trigger or up to a span
-    after it, since a sweep commits newest first and the later events of a window may have committed before. A
-    window alerted on already has the same events, and its alert the same hash: it is not stored twice."""
+    after it, since a sweep commits newest first and the later events of a window may have committed before; so
+    only the events within a span of a trigger are read. A window alerted on already has the same events, and
+    its alert the same hash: it is not stored twice."""
     sigma = rule.sigma
     span = timedelta(seconds=sigma.timespan.seconds)
     kind = sigma.type.name.lower()
-    lo = min(e.effective_at for _, e in triggers) - span
-    hi = max(e.effective_at for _, e in triggers) + span
+    spans = _spans(sorted(e.effective_at for _, e in triggers), span)
     types = None if any(b.types is None for b in bases) else frozenset().union(*(b.types or () for b in bases))
     fieldref = sigma.condition.fieldref if kind == "value_count" else None
-    # Every matched event of the window, per group: (time, id, rule, event, the value counted).
+    aliases = {a.alias: {ref.reference: f for ref, f in a.mapping.items()} for a in sigma.aliases}
+    # Every matched event of the windows, per group: (time, id, rule, event, the value counted).
     groups: dict[tuple, list] = {}
-    stored = ((b, e) for e in _stored(conn, lo, hi, types, earlier.first) for b in bases if matchers[b.rule_id](e.raw))
-    matched = ((b, e) for m in (earlier.hits, hits) for b in bases for e in m.get(b.rule_id, ()))
-    for base, event in itertools.chain(stored, ((b, e) for b, e in matched if lo <= e.effective_at <= hi)):
-        key = _group(rule, base.rule_id, event.raw)
+    stored = (
+        (b, e)
+        for e in _stored(conn, spans[0][0], spans[-1][1], types, earlier.first)
+        for b in bases
+        if matchers[b.rule_id](e.raw)
+    )
+    run = ((b, e) for b in bases for e in earlier.near(b.rule_id, spans))
+    for base, event in itertools.chain(stored, run, ((b, e) for b in bases for e in hits.get(b.rule_id, ()))):
+        key = _group(rule, aliases, base.rule_id, event.raw)
         if key is not None:
             value = base.rule_id if kind == "temporal" else _value(event.raw, fieldref) if fieldref else None
             groups.setdefault(key, []).append((event.effective_at, event.id, base.rule_id, event, value))

@@ -691,17 +691,15 @@ def parsed(value: Any) -> Any:
 
 
 # orjson reads integers beyond 64 bits as floats (silently inexact): texts with such long digit runs go to the
-# stdlib parser, which keeps them exact. Found as a run of zeros once every digit is a zero: twenty times faster
-# than a regular expression.
+# stdlib parser, which keeps them exact. Found as a run of zeros once every digit is a zero, in bytes: bytes'
+# translate is a table lookup, several times faster than a regular expression or str's translate.
 _DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
-_DIGITS_TO_ZERO_STR = str.maketrans("0123456789", "0" * 10)
 
 
 def has_long_number(text: str | bytes) -> bool:
     """Whether a JSON text has a run of 19 digits or more, which orjson may read inexactly."""
-    if isinstance(text, str):
-        return "0" * 19 in text.translate(_DIGITS_TO_ZERO_STR)
-    return b"0" * 19 in text.translate(_DIGITS_TO_ZERO)
+    data = text.encode() if isinstance(text, str) else text
+    return b"0" * 19 in data.translate(_DIGITS_TO_ZERO)
 
 
 def canonical(value: Any) -> str:

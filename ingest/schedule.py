@@ -37,7 +37,7 @@ from ingest.config import Settings, Source
 from ingest.errors import ConfigError, IngestError, Interrupted
 from ingest.metrics import Metrics
 from ingest.store import Warehouse
-from ingest.sync import Progress, RunSummary, client_for, feed_consumers, sync_source
+from ingest.sync import Progress, RunSummary, client_for, feeding, sync_source
 from ingest.throttle import Budget
 
 log = logging.getLogger("ingest.daemon")
@@ -121,10 +121,10 @@ class SourceJob:
                     latest[:] = [summary]
                     show(summary)
 
-                summary = sync_source(warehouse, client, self.source, self.settings, stop=self.stop,
-                                      on_progress=on_progress, unless_synced_since=tick)  # fmt: skip
-                latest[:] = [summary]
-                feed_consumers(self.settings, warehouse)
+                with feeding(self.settings, warehouse):
+                    summary = sync_source(warehouse, client, self.source, self.settings, stop=self.stop,
+                                          on_progress=on_progress, unless_synced_since=tick)  # fmt: skip
+                    latest[:] = [summary]
             log.info("%s", summary.line())
             outcome, self.failures, self.skip = summary.status, 0, 0  # ok; skipped or done: another process's
         except Interrupted:

@@ -113,28 +113,40 @@ def run_sources(
     warehouse.ensure_schema()
     job = job or sync_source
     summaries, failure = [], None
-    for source in sources:
-        try:
-            with client_for(settings, source, stop, transport) as client:
-                summaries.append(job(warehouse, client, source, settings, stop=stop, on_progress=on_progress))
-        except IngestError as exc:
-            if isinstance(exc, Interrupted):
-                raise
-            failure = failure or exc
-            # `raised`: the CLI prints this one as `error: ...` anyway, so a terminal can do without the log line.
-            log.error("%s: %s", source.name, exc, extra={"raised": failure is exc})
-    feed_consumers(settings, warehouse)
+    with feeding(settings, warehouse):
+        for source in sources:
+            try:
+                with client_for(settings, source, stop, transport) as client:
+                    summaries.append(job(warehouse, client, source, settings, stop=stop, on_progress=on_progress))
+            except IngestError as exc:
+                if isinstance(exc, Interrupted):
+                    raise
+                failure = failure or exc
+                # `raised`: the CLI prints this one as `error: ...` anyway, so a terminal can do without the log line.
+                log.error("%s: %s", source.name, exc, extra={"raised": failure is exc})
     if failure:
         raise failure
     return summaries
 
 
-def feed_consumers(settings: Settings, warehouse: store.Warehouse) -> None:
-    """After a sync: the configured consumers (rules, sinks) process what committed since their checkpoints.
-    Their failures are logged and never fail the sync (ingest.consumers)."""
+@contextlib.contextmanager
+def feeding(settings: Settings, warehouse: store.Warehouse) -> Iterator[None]:
+    """The block (a sync) with the configured consumers fed: the rules alongside it (ingest.consumers.alongside),
+    then, once it has ended without raising, every consumer what committed since (`feed_consumers`)."""
     from ingest import consumers, sinks
 
     found = consumers.configured(settings)
+    with consumers.alongside(warehouse, [c for c in found if not isinstance(c, sinks.Sink)]) as healthy:
+        yield
+    feed_consumers(settings, warehouse, [c for c in found if c in healthy or isinstance(c, sinks.Sink)])
+
+
+def feed_consumers(settings: Settings, warehouse: store.Warehouse, found: list | None = None) -> None:
+    """After a sync: the configured consumers (rules, sinks), or those `found` of them, process what committed
+    since their checkpoints. Their failures are logged and never fail the sync (ingest.consumers)."""
+    from ingest import consumers, sinks
+
+    found = consumers.configured(settings) if found is None else found
     consumers.run(warehouse, [c for c in found if not isinstance(c, sinks.Sink)])
     if settings.detections and settings.webhooks():
         from ingest import delivery

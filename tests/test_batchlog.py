@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import KEY, kill_run_after, stored_events, sync
+from support import KEY, kill_run_after, settings_for, stored_events, sync
 
 from ingest import batchlog, consumers, model
 from ingest.state import Key
@@ -118,6 +118,44 @@ def test_a_failing_consumer_keeps_its_checkpoint_and_the_others_go_on(simulator,
     finally:
         warehouse.dispose()
     assert errors == [("failing", "receiver down")] and len(ok.ids) == 500
+
+
+def test_a_consumer_failing_alongside_a_sync_is_logged_once_and_fed_no_more_until_the_next_run(
+    simulator, duckdb_url, key_env, caplog
+):
+    from ingest.errors import IngestError
+    from ingest.sync import run_sources
+
+    class Failing:
+        name = "failing"
+
+        def __init__(self):
+            self.calls = 0
+
+        def process(self, conn, batches) -> None:
+            self.calls += 1
+            raise IngestError("receiver down")
+
+    server = simulator(events=1500, seed=64, latency=0.02)
+    settings = settings_for(server, duckdb_url, detections=False)
+    warehouse = Warehouse(duckdb_url)
+    failing, ok = Failing(), Recorder()
+    try:
+        warehouse.ensure_schema()
+        with (
+            caplog.at_level("ERROR", logger="ingest.consumers"),
+            consumers.alongside(warehouse, [failing, ok]) as healthy,
+        ):
+            run_sources(settings, warehouse, settings.sources)
+        assert healthy == [ok] and failing.calls == 1
+        assert [r.getMessage() for r in caplog.records if r.name == "ingest.consumers"] == ["failing: receiver down"]
+        consumers.run(warehouse, healthy)  # what committed after the last round: the caller's to feed
+        with warehouse.connect() as conn:
+            assert consumers.checkpoint(conn, "failing") == 0
+            assert consumers.checkpoint(conn, "recorder") == batchlog.last_seq(conn) > 0
+    finally:
+        warehouse.dispose()
+    assert sorted(ok.ids) == sorted(e["id"] for e in server.sim.events)
 
 
 def ingester(url: str, server, source: str, log: Path) -> subprocess.Popen:

@@ -125,6 +125,50 @@ def test_correlations_spanning_the_consumers_chunks_alert_as_over_one_chunk(
     assert [len(a["event_ids"]) for a in alerts(duckdb_url) if a["rule_id"] == "openai_failed_login_burst"] == [20]
 
 
+def test_rules_keep_up_with_the_sync_as_it_commits_and_raise_what_one_pass_after_it_raises(
+    simulator, db_url, key_env, monkeypatch
+):
+    """The rules run alongside the sync (ingest.consumers.alongside), in rounds over what committed since their
+    last: a sync that waits for them mid-way is not waiting in vain, and their alerts are those of one pass over
+    every batch once the sync has ended."""
+    from ingest import consumers
+    from ingest.sync import run_sources
+
+    server = simulator(events=0, seed=5, latency=0.03)  # slow enough a page to be split: slices commit concurrently
+    server.sim.append(2000, types=QUIET_TYPES)
+    expected = plant_all(server.sim)
+    monkeypatch.setattr("ingest.sync.BATCH_EVENTS", 100)  # a batch a page
+    settings = settings_for(server, db_url, allowed_email_domains=DOMAINS, workers=4)
+    warehouse = Warehouse(db_url)
+    caught_up: list[int] = []  # the rules' checkpoint, read once while the sync waits a few pages in
+
+    def on_progress(summary) -> None:
+        if summary.pages < 5 or caught_up:
+            return
+        deadline, seq = time.monotonic() + 20, 0
+        while not seq and time.monotonic() < deadline:
+            time.sleep(0.05)
+            with warehouse.connect() as conn:
+                seq = consumers.checkpoint(conn, "rules")
+        caught_up.append(seq)
+
+    try:
+        [summary] = run_sources(settings, warehouse, settings.sources, on_progress=on_progress)
+        assert summary.events_new == len(server.sim.events) and caught_up[0] > 0
+        found: dict[str, set[str]] = {}
+        for alert in alerts(db_url):
+            found.setdefault(alert["rule_id"], set()).update(alert["event_ids"])
+        assert found == expected
+        during = sorted((a["rule_id"], a["events_hash"]) for a in alerts(db_url))
+        with warehouse.connect() as conn, conn.begin():  # one pass over every batch, from scratch
+            conn.execute(model.alerts.delete())
+            conn.execute(model.sync_state.delete().where(model.sync_state.c.key == "consumer:rules"))
+        feed_consumers(settings, warehouse)
+    finally:
+        warehouse.dispose()
+    assert sorted((a["rule_id"], a["events_hash"]) for a in alerts(db_url)) == during
+
+
 class _StopAfter:
     """A consumer that processes `n` batches, then fails (and so keeps its checkpoint there)."""
 
