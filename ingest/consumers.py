@@ -7,6 +7,7 @@ happen exactly once; its effects outside it (a POST, a syslog line) at least onc
 before the commit delivers those batches again, and a `process` that raises moves nothing.
 
 One consumer's failure never stops ingestion or the other consumers: it is logged, and the next run retries.
+One ingester feeds a consumer at a time (a lock per consumer, PostgreSQL's advisory lock): another skips it.
 `alongside` feeds consumers while a sync runs, so that they keep up with its commits.
 """
 
@@ -54,16 +55,10 @@ def run(
         for consumer in consumers:
             done[consumer.name] = 0
             try:
-                while True:
-                    with conn.begin():
-                        state = ConsumerState.load(conn, consumer.name) or ConsumerState(consumer.name)
-                        batches = batchlog.read_after(conn, state.seq, max_events=max_events)
-                        if not batches:
-                            break
-                        consumer.process(conn, batches)
-                        state.seq = batches[-1].seq
-                        state.save(conn)
-                    done[consumer.name] += len(batches)
+                # One feeder at a time (several source jobs, daemons on one PostgreSQL): another skips it.
+                with warehouse.lock(conn, f"consumer {consumer.name}") as held:
+                    while held and (fed := _feed(conn, consumer, max_events)):
+                        done[consumer.name] += fed
             except (IngestError, sa.exc.DBAPIError) as exc:
                 # A statement that failed (the warehouse out of memory, say) is this consumer's failure too.
                 error = exc if isinstance(exc, IngestError) else DatabaseError(f"{consumer.name}: {exc.orig or exc}")
@@ -71,6 +66,18 @@ def run(
                 if on_error:
                     on_error(consumer, error)
     return done
+
+
+def _feed(conn: sa.Connection, consumer: Consumer, max_events: int) -> int:
+    """One transaction: the consumer processes the batches after its checkpoint, which moves past them."""
+    with conn.begin():
+        state = ConsumerState.load(conn, consumer.name) or ConsumerState(consumer.name)
+        batches = batchlog.read_after(conn, state.seq, max_events=max_events)
+        if batches:
+            consumer.process(conn, batches)
+            state.seq = batches[-1].seq
+            state.save(conn)
+    return len(batches)
 
 
 @contextmanager

@@ -158,6 +158,22 @@ def test_a_consumer_failing_alongside_a_sync_is_logged_once_and_fed_no_more_unti
     assert sorted(ok.ids) == sorted(e["id"] for e in server.sim.events)
 
 
+def test_a_consumer_another_postgresql_session_is_feeding_is_skipped_then_fed_once_it_is_free(
+    simulator, pg_url, key_env
+):
+    sync(simulator(events=300, seed=65), pg_url)
+    warehouse = Warehouse(pg_url)
+    try:
+        with warehouse.connect() as other, warehouse.lock(other, "consumer recorder") as held:
+            assert held
+            busy = Recorder()
+            assert consumers.run(warehouse, [busy]) == {"recorder": 0} and busy.ids == []
+        free = Recorder()
+        assert consumers.run(warehouse, [free]) == {"recorder": len(set(free.seqs))} and len(free.ids) == 300
+    finally:
+        warehouse.dispose()
+
+
 def ingester(url: str, server, source: str, log: Path) -> subprocess.Popen:
     config = log.with_suffix(".toml")
     config.write_text(f'source_lock = false\n[[sources]]\nname = "{source}"\n')
