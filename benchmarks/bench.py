@@ -367,7 +367,16 @@ def table(measures: list[Measure]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def compile_package() -> None:
+    """The package's bytecode, written once: where PYTHONDONTWRITEBYTECODE is set (the development machine),
+    an editable install would compile every module at every start, which an installed wheel never does."""
+    import compileall
+
+    compileall.compile_dir(ROOT / "ingest", quiet=1)
+
+
 def main() -> int:
+    compile_package()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=100_000, help="events in the simulator (default 100,000)")
     parser.add_argument("--seed", type=int, default=1)

@@ -616,12 +616,9 @@ def _correlate(
     aliases = {a.alias: {ref.reference: f for ref, f in a.mapping.items()} for a in sigma.aliases}
     # Every matched event of the windows, per group: (time, id, rule, event, the value counted).
     groups: dict[tuple, list] = {}
-    stored = (
-        (b, e)
-        for e in _stored(conn, spans[0][0], spans[-1][1], types, earlier.first)
-        for b in bases
-        if matchers[b.rule_id](e.raw)
-    )
+    # Batch numbers start at 1: a run from the log's first batch (a first sync) has nothing stored before it.
+    older = _stored(conn, spans[0][0], spans[-1][1], types, earlier.first) if earlier.first > 1 else ()
+    stored = ((b, e) for e in older for b in bases if matchers[b.rule_id](e.raw))
     run = ((b, e) for b in bases for e in earlier.near(b.rule_id, spans))
     for base, event in itertools.chain(stored, run, ((b, e) for b in bases for e in hits.get(b.rule_id, ()))):
         key = _group(rule, aliases, base.rule_id, event.raw)

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -242,8 +242,13 @@ def _sweep_streams(
 ) -> list[tuple[Key, Query]]:  # fmt: skip
     """One sweep of each stream: resumed, or started from its checkpoint. The slices of every stream split (now
     or by a killed run) share one pool, so that the tenant stream's slices fill the workers the main stream's
-    leave idle. Returns the streams whose resumed sweep ended at an old bound: they sweep again up to now."""
-    again, split, pending = [], [], []
+    leave idle; once a stream has slices to sweep, the next streams' sweeps start in that pool too, up to where
+    they split (`_Head`). The first stream's sweep goes first alone: a wrong key costs one request. Returns the
+    streams whose resumed sweep ended at an old bound: they sweep again up to now."""
+    again: list[tuple[Key, Query]] = []
+    split: list[tuple[Key, SweepState]] = []
+    pending: list[tuple[SweepState, Query]] = []
+    heads: list[_Head] = []
     for key, filters in todo:
         with conn.begin():
             state = SweepState.load(conn, str(key)) or SweepState.for_key(key)
@@ -261,21 +266,16 @@ def _sweep_streams(
                 state.save(conn)
         if resumed:
             again.append((key, filters))
-        try:
-            if not was_split:
-                splitter = _Splitter(settings.workers, state.sweep_gte, int(settings.retention),
-                                     first=state.checkpoint is None)  # fmt: skip
-                sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, split=splitter)
-                if splitter.parts:
-                    with conn.begin():
-                        parts = _split(conn, state, key, splitter)
-        except ApiError as exc:
-            if not (key.tenant and exc.failure in NO_TENANT and summary.pages):
-                raise
-            _unavailable(conn, state, exc, summary)
-            if resumed:
-                again.remove((key, filters))
+        head = _Head(client, key, filters, state, settings, summary, stop, on_progress)
+        if not was_split and pending:
+            heads.append(head)
             continue
+        if not was_split:
+            parts = head(conn, threading.Lock())
+            if head.unavailable and resumed:
+                again.remove((key, filters))
+            if head.unavailable:
+                continue
         if parts:
             split.append((key, state))
             pending += [(p, filters) for p in parts]
@@ -283,10 +283,51 @@ def _sweep_streams(
             _complete_stream(conn, key, state, settings.retention)
     if pending:
         _pool(warehouse, client, pending, summary, settings.workers, stop or threading.Event(), on_progress,
-              settings.retention)  # fmt: skip
+              settings.retention, heads)  # fmt: skip
+    for head in heads:
+        if head.unavailable and (head.key, head.filters) in again:
+            again.remove((head.key, head.filters))
+        elif not head.unavailable:
+            split.append((head.key, head.state))
     for key, state in split:
         _complete_stream(conn, key, state, settings.retention)
     return again
+
+
+@dataclass
+class _Head:
+    """A stream's sweep up to where it splits (the whole of it when it does not): called with a connection and
+    the writers' lock, it returns the slices to sweep. A tenant stream the API refuses while the main stream
+    works is recorded as `unavailable` (`_unavailable`) instead of failing the run."""
+
+    client: Client
+    key: Key
+    filters: Query
+    state: SweepState
+    settings: Settings
+    summary: RunSummary
+    stop: threading.Event | None
+    on_progress: Progress | None
+    unavailable: bool = False
+
+    def __call__(self, conn: sa.Connection, lock: threading.Lock) -> list[SweepState]:
+        state, settings = self.state, self.settings
+        splitter = _Splitter(settings.workers, state.sweep_gte, int(settings.retention),
+                             first=state.checkpoint is None)  # fmt: skip
+        try:
+            sweep(conn, self.client, state, self.filters, self.summary, stop=self.stop, on_progress=self.on_progress,
+                  lock=lock, split=splitter)  # fmt: skip
+        except ApiError as exc:
+            if not (self.key.tenant and exc.failure in NO_TENANT and self.summary.pages):
+                raise
+            with lock:
+                _unavailable(conn, state, exc, self.summary)
+            self.unavailable = True
+            return []
+        if not splitter.parts:
+            return []
+        with lock, conn.begin():
+            return _split(conn, state, self.key, splitter)
 
 
 def _complete_stream(conn: sa.Connection, key: Key, state: SweepState, retention: float) -> None:
@@ -473,10 +514,12 @@ def backfill_source(
 def _pool(
     warehouse: store.Warehouse, client: Client, pending: list[tuple[SweepState, Query]], summary: RunSummary,
     workers: int, stop: threading.Event, on_progress: Progress | None, retention: float,
+    heads: Sequence[_Head] = (),
 ) -> None:  # fmt: skip
     """Sweeps the slices, `workers` downloading at a time, each in a thread with its own connection, sharing
     `client` (and so its rate-limit pause and requests in flight) and one write lock; each slice's row is
-    finished when done.
+    finished when done. `heads` (streams not split yet) take the first free places: the slices they return
+    join the queue.
 
     A slice whose last page is served frees its place while it writes its last batches. A free place takes the
     next slice, or else splits the running slice with the most left to fetch (`_steal`) and sweeps the part
@@ -484,14 +527,19 @@ def _pool(
     lock = threading.Lock()
     changed = threading.Condition()  # the queue and the running slices; taken before `lock`, never inside it
     queued = list(pending)
+    starting = list(heads)
     running: dict[str, tuple[SweepState, Query, _Reach]] = {}
+    heading = [0]  # heads running: they hold a place, and no worker may split them
     failed = threading.Event()  # a slice failed: the others finish theirs, and no worker takes another
 
-    def take(conn: sa.Connection) -> tuple[SweepState, Query, _Reach] | None:
+    def take(conn: sa.Connection) -> _Head | tuple[SweepState, Query, _Reach] | None:
         with changed:
             while not (stop.is_set() or failed.is_set()):
                 found: tuple[SweepState, Query, _Reach] | None = None
-                if sum(not reach.done for _, _, reach in running.values()) < workers:
+                if heading[0] + sum(not reach.done for _, _, reach in running.values()) < workers:
+                    if starting:
+                        heading[0] += 1
+                        return starting.pop(0)
                     if queued:
                         found = (*queued.pop(0), _Reach())
                     else:
@@ -500,14 +548,30 @@ def _pool(
                 if found:
                     running[found[0].key] = found
                     return found
-                if not running and not queued:
+                if not running and not queued and not heading[0]:
                     return None
                 changed.wait(STEAL_POLL)  # until a slice is done, or one has more to split off
         return None
 
+    def start(conn: sa.Connection, head: _Head) -> None:
+        parts: list[SweepState] = []
+        try:
+            parts = head(conn, lock)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            with changed:  # its slices queued as it frees its place: no worker sees the pool empty between
+                heading[0] -= 1
+                queued.extend((p, head.filters) for p in parts)
+                changed.notify_all()
+
     def work() -> None:
         with warehouse.connect() as conn:
             while (found := take(conn)) is not None:
+                if isinstance(found, _Head):
+                    start(conn, found)
+                    continue
                 state, filters, reach = found
                 try:
                     sweep(conn, client, state, filters, summary, stop=stop, on_progress=on_progress, lock=lock,

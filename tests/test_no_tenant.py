@@ -4,6 +4,8 @@ API's words, tried again with one request each run, and synced as soon as the AP
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from support import KEY, cli, scalar, stored_events, sync
 
@@ -26,6 +28,23 @@ def test_a_run_without_a_tenant_stores_the_main_stream_and_records_the_tenant_on
     why = scalar(db_url, "SELECT unavailable FROM sync_state WHERE key = 'default#tenant'")
     assert "This organization has no tenant" in why
     assert scalar(db_url, "SELECT checkpoint FROM sync_state WHERE key = 'default'") is not None
+
+
+def test_a_first_sync_in_slices_without_a_tenant_stores_the_main_stream_and_records_the_tenant_one_unavailable(
+    simulator, db_url, key_env, caplog
+):
+    server = simulator(events=3000, seed=45, tenant=False, latency=0.03)  # slow enough a page to be split
+    with caplog.at_level(logging.INFO, logger="ingest.sync"):
+        [summary] = sync(server, db_url, workers=4)
+    # The main stream split first: the tenant stream's sweep started among its slices, and was refused there.
+    assert any(r.getMessage().startswith("default: the sweep goes on in") for r in caplog.records)
+    assert summary.status == "ok" and "tenant stream unavailable" in summary.line()
+    assert set(stored_events(db_url)) == main_stream_ids(server.sim)
+    assert "This organization has no tenant" in scalar(
+        db_url, "SELECT unavailable FROM sync_state WHERE key = 'default#tenant'"
+    )
+    assert scalar(db_url, "SELECT checkpoint FROM sync_state WHERE key = 'default'") is not None
+    assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'slice'") == 0
 
 
 def test_each_later_run_tries_the_tenant_stream_with_one_request_and_syncs_it_once_accepted(
