@@ -44,10 +44,11 @@ def checkpoint(conn: sa.Connection, name: str) -> int:
 
 def run(
     warehouse: store.Warehouse, consumers: Sequence[Consumer], *, max_events: int = 20000,
-    on_error: Callable[[Consumer, IngestError], None] | None = None,
+    on_error: Callable[[Consumer, IngestError], None] | None = None, stop: threading.Event | None = None,
 ) -> dict[str, int]:  # fmt: skip
-    """Feeds each consumer every batch committed after its checkpoint; returns the batches each processed.
-    A consumer that fails is logged (and passed to `on_error`) and keeps its checkpoint."""
+    """Feeds each consumer every batch committed after its checkpoint (or, once `stop` is set, no further than
+    its current chunk); returns the batches each processed. A consumer that fails is logged (and passed to
+    `on_error`) and keeps its checkpoint."""
     done: dict[str, int] = {}
     if not consumers:
         return done
@@ -57,7 +58,7 @@ def run(
             try:
                 # One feeder at a time (several source jobs, daemons on one PostgreSQL): another skips it.
                 with warehouse.lock(conn, f"consumer {consumer.name}") as held:
-                    while held and (fed := _feed(conn, consumer, max_events)):
+                    while held and not (stop and stop.is_set()) and (fed := _feed(conn, consumer, max_events)):
                         done[consumer.name] += fed
             except (IngestError, sa.exc.DBAPIError) as exc:
                 # A statement that failed (the warehouse out of memory, say) is this consumer's failure too.
@@ -86,7 +87,8 @@ def alongside(warehouse: store.Warehouse, consumers: Sequence[Consumer]) -> Iter
     committed since the last (ROUND_SECONDS apart once they are level with the log), so that a first sync's
     rules run while its workers wait on the API, not after it. Yields the consumers that have not failed: one that fails is logged and fed no more, and
     the caller should not feed it either: the next run retries it from its checkpoint. The block's end waits
-    for the round in progress; what committed after that round is the caller's to feed."""
+    for the chunk in progress (a stop does not wait for the rules to catch up); what is left is the caller's
+    to feed."""
     healthy = list(consumers)
     if not healthy:
         yield healthy
@@ -97,9 +99,11 @@ def alongside(warehouse: store.Warehouse, consumers: Sequence[Consumer]) -> Iter
     def follow() -> None:
         try:
             while not done.is_set():
-                fed = run(warehouse, list(healthy), on_error=lambda consumer, _: healthy.remove(consumer))
+                fed = run(warehouse, list(healthy), on_error=lambda consumer, _: healthy.remove(consumer), stop=done)
                 if not any(fed.values()):
                     done.wait(ROUND_SECONDS)
+        except (IngestError, sa.exc.DBAPIError) as exc:  # the warehouse out of reach: the caller's feed tries again
+            log.warning("consumers alongside the sync stopped (they run after it): %s", exc)
         except BaseException as exc:  # a bug: raised in the caller's thread once the block has ended
             crashed.append(exc)
 

@@ -98,7 +98,7 @@ def load(rules_dir: str | Path | None = None, placeholders: dict[str, list[str]]
     files = rule_files(rules_dir)
     try:
         key = (
-            tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files),
+            tuple((str(p), *_stamp(p)) for p in files),
             tuple(sorted((name, tuple(values)) for name, values in placeholders.items())),
         )
     except OSError:  # a file gone: the parse names it
@@ -110,6 +110,12 @@ def load(rules_dir: str | Path | None = None, placeholders: dict[str, list[str]]
 
 
 _loaded: dict[tuple, RuleSet] = {}
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    """What changes when a file is edited or replaced, even by a copy that keeps its time (`cp -p`)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 def _parse(files: list[Path], placeholders: dict[str, list[str]]) -> RuleSet:
@@ -605,7 +611,7 @@ def _correlate(
 
     A window counts when it holds one of the batches' matches (a trigger): those end at a trigger or up to a span
     after it, since a sweep commits newest first and the later events of a window may have committed before; so
-    only the events within a span of a trigger are read. A window alerted on already has the same events, and
+    only the events within a span of a trigger count. A window alerted on already has the same events, and
     its alert the same hash: it is not stored twice."""
     sigma = rule.sigma
     span = timedelta(seconds=sigma.timespan.seconds)
@@ -701,17 +707,22 @@ class Detector:
         self.rules = rules
         self.webhooks = webhooks
         self._earlier: Earlier | None = None  # this run's matches so far (consumers.run reads the log in chunks)
+        self._next = 0  # the batch after the last one processed
 
     def process(self, conn: sa.Connection, batches: list[batchlog.CommittedBatch]) -> None:
         try:
-            # After a failure consumers.run stops feeding this consumer: what `_earlier` holds has always committed.
-            self._earlier = self._earlier or Earlier(batches[0].seq)
+            # Matches kept cover the batches from `first` on only if this consumer processed all of them: batches
+            # not right after its last (another session fed those, or a failure rolled them back) start afresh,
+            # and the warehouse gives back what came before.
+            if self._earlier is None or batches[0].seq != self._next:
+                self._earlier = Earlier(batches[0].seq)
             alerts = evaluate(conn, self.rules, batches, self._earlier)
             inserted = save(conn, alerts, batches[-1].seq)
             if inserted and self.webhooks:
                 from ingest import delivery
 
                 delivery.enqueue(conn, inserted, self.webhooks)
+            self._next = batches[-1].seq + 1
         except sa.exc.SQLAlchemyError as exc:  # as an IngestError, consumers.run logs it and retries next run
             raise DatabaseError(f"rules: {_first_line(getattr(exc, 'orig', None) or exc)}") from None
         # A line per rule, not per alert: a first sync over a long history raises thousands.

@@ -31,7 +31,16 @@ import sqlalchemy as sa
 from ingest import backends, batchlog, coverage, ledger, model, store
 from ingest.api import PAGE_SIZE, Client, Page, Query, fetch_pages
 from ingest.config import Settings, Source
-from ingest.errors import ApiError, BadResponseError, ConfigError, CursorRejected, Failure, IngestError, Interrupted
+from ingest.errors import (
+    ApiError,
+    BadResponseError,
+    ConfigError,
+    CursorRejected,
+    Failure,
+    IngestError,
+    Interrupted,
+    RulesError,
+)
 from ingest.state import Key, SweepState
 from ingest.throttle import Budget
 
@@ -135,7 +144,11 @@ def feeding(settings: Settings, warehouse: store.Warehouse) -> Iterator[None]:
     then, once it has ended without raising, every consumer what committed since (`feed_consumers`)."""
     from ingest import consumers, sinks
 
-    found = consumers.configured(settings)
+    try:
+        found = consumers.configured(settings)
+    except RulesError as exc:  # a rule file edited since the start: the sync goes on, the rules wait for a fix
+        log.error("%s; the rules evaluate this run's batches once they load again", exc)
+        found = list(sinks.configured(settings))
     with consumers.alongside(warehouse, [c for c in found if not isinstance(c, sinks.Sink)]) as healthy:
         yield
     feed_consumers(settings, warehouse, [c for c in found if c in healthy or isinstance(c, sinks.Sink)])
@@ -597,6 +610,8 @@ def _pool(
             if isinstance(exc, KeyboardInterrupt):
                 stop.set()  # running slices end after their current batch
             raise
+    if queued or starting:  # a stop came before every slice and head had a worker: they stay for the rerun
+        raise Interrupted("stopped")
 
 
 @dataclass

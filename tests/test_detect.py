@@ -4,6 +4,7 @@ its correlation rules stay quiet over normal traffic; backfilled alerts are hist
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -167,6 +168,51 @@ def test_rules_keep_up_with_the_sync_as_it_commits_and_raise_what_one_pass_after
     finally:
         warehouse.dispose()
     assert sorted((a["rule_id"], a["events_hash"]) for a in alerts(db_url)) == during
+
+
+def test_two_feeders_taking_turns_over_the_log_raise_every_alert_one_feeder_raises(
+    simulator, duckdb_url, key_env, monkeypatch
+):
+    """Two sessions feeding the rules by turns (two daemons' consumers on one PostgreSQL): each has seen only
+    every other batch, and reads the rest back from the warehouse."""
+    from ingest import batchlog
+
+    server = simulator(events=0, seed=3)
+    server.sim.append(300, types=QUIET_TYPES)
+    expected = plant_all(server.sim)
+    monkeypatch.setattr("ingest.api.PAGE_SIZE", 10)  # a batch a page: a burst spans several
+    monkeypatch.setattr("ingest.sync.BATCH_EVENTS", 10)
+    sync(server, duckdb_url, detections=False, workers=1)
+    settings = settings_for(server, duckdb_url, allowed_email_domains=DOMAINS)
+    feeders = [detect.consumers_for(settings)[0] for _ in range(2)]
+    warehouse = Warehouse(duckdb_url)
+    try:
+        with warehouse.connect() as conn:
+            with conn.begin():
+                batches = list(batchlog.iter_after(conn, 0))
+            for turn, batch in enumerate(batches):
+                with conn.begin():
+                    feeders[turn % 2].process(conn, [batch])
+    finally:
+        warehouse.dispose()
+    assert len(batches) > 20
+    found: dict[str, set[str]] = {}
+    for alert in alerts(duckdb_url):
+        found.setdefault(alert["rule_id"], set()).update(alert["event_ids"])
+    assert found == expected
+
+
+def test_a_rule_file_broken_after_the_start_is_one_error_line_and_the_sync_still_stores_everything(
+    simulator, db_url, key_env, tmp_path, caplog
+):
+    (tmp_path / "mine.yml").write_text("title: [unclosed\n")  # `run` checked the rules before this edit
+    server = simulator(events=300, seed=7)
+    with caplog.at_level(logging.ERROR):
+        [summary] = sync(server, db_url, rules_dir=str(tmp_path))
+    assert summary.status == "ok" and set(stored_events(db_url)) == {e["id"] for e in server.sim.events}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(tmp_path / "mine.yml") in errors[0]
+    assert alerts(db_url) == []
 
 
 class _StopAfter:

@@ -38,6 +38,8 @@ def test_a_first_sync_in_slices_without_a_tenant_stores_the_main_stream_and_reco
         [summary] = sync(server, db_url, workers=4)
     # The main stream split first: the tenant stream's sweep started among its slices, and was refused there.
     assert any(r.getMessage().startswith("default: the sweep goes on in") for r in caplog.records)
+    [refused] = [r for r in caplog.records if "refuses the tenant stream" in r.getMessage()]
+    assert refused.threadName.startswith("slice")
     assert summary.status == "ok" and "tenant stream unavailable" in summary.line()
     assert set(stored_events(db_url)) == main_stream_ids(server.sim)
     assert "This organization has no tenant" in scalar(

@@ -74,6 +74,44 @@ def test_a_split_first_sync_killed_mid_way_resumes_its_slices_and_ends_exact(sim
     assert scalar(db_url, "SELECT count(*) FROM sync_state WHERE kind = 'slice'") == 0
 
 
+def test_a_stop_before_the_slices_get_a_worker_fails_the_run_and_the_rerun_sweeps_them(
+    simulator, duckdb_url, key_env, monkeypatch
+):
+    import threading
+
+    import pytest
+    from support import settings_for
+
+    from ingest import sync as engine
+    from ingest.errors import Interrupted
+
+    server = simulator(events=3000, seed=66, latency=0.03)
+    stop = threading.Event()
+    split = engine._split
+
+    def split_then_stop(*args):
+        parts = split(*args)
+        stop.set()  # the main stream's slices are saved; no worker has taken one yet
+        return parts
+
+    monkeypatch.setattr(engine, "_split", split_then_stop)
+    settings = settings_for(server, duckdb_url, workers=4)
+    warehouse = Warehouse(duckdb_url)
+    try:
+        with pytest.raises(Interrupted):
+            engine.run_sources(settings, warehouse, settings.sources, stop=stop)
+    finally:
+        warehouse.dispose()
+    # Neither stream's checkpoint moved: the window is not lost.
+    assert (
+        scalar(duckdb_url, "SELECT count(*) FROM sync_state WHERE kind = 'incremental' AND checkpoint IS NOT NULL") == 0
+    )
+    monkeypatch.setattr(engine, "_split", split)
+    [summary] = sync(server, duckdb_url, workers=4)
+    assert summary.status == "ok"
+    assert_exact(server.sim, duckdb_url)
+
+
 def test_idle_workers_split_the_dense_slice_still_running_and_the_whole_window_is_covered(
     simulator, db_url, key_env, caplog
 ):
