@@ -1231,17 +1231,22 @@ class _HTTPServer(ThreadingHTTPServer):
         self.sim = sim
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
+        self._closed = False  # stopped: no connection is served any more
         super().__init__(("127.0.0.1", port), _Handler)
 
     def track(self, conn: socket.socket, alive: bool) -> None:
         with self._conns_lock:
-            if alive:
+            if alive and self._closed:  # accepted just before the stop, its handler started after it
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            elif alive:
                 self._conns.add(conn)
             else:
                 self._conns.discard(conn)
 
     def close_connections(self) -> None:
         with self._conns_lock:
+            self._closed = True
             conns = list(self._conns)
         for conn in conns:
             with contextlib.suppress(OSError):
