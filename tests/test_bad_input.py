@@ -183,7 +183,7 @@ def test_an_event_served_again_on_a_later_page_is_stored_once_as_first_served(si
     def repeat(request: httpx.Request, body: bytes) -> bytes | None:
         return inject(body, [changed]) if request.url.params.get("after") == stream[99]["id"] else None
 
-    [summary] = sync(server, db_url, transport=Corrupting(repeat))
+    [summary] = sync(server, db_url, transport=Corrupting(repeat), workers=1)  # one sweep: page 2 is asked for
     assert summary.rejected == 0 and summary.events_new == 700
     assert stored_events(db_url) == {e["id"]: e for e in server.sim.events}
     assert scalar(db_url, f"SELECT count(*) FROM user_events WHERE event_id = '{first['id']}'") == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
@@ -28,7 +29,9 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed (.ci/run installs it)", pytrace=False)
         pytest.skip("chromium is not installed: apt-get install -y --no-install-recommends chromium")
-    return subprocess.run([CHROMIUM, *BROWSER_FLAGS, *args], capture_output=True, text=True, timeout=120)
+    with tempfile.TemporaryDirectory() as profile:  # a profile of its own: xdist workers run browsers at once
+        command = [CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={profile}", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 class Page(HTMLParser):

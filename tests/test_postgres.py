@@ -55,6 +55,7 @@ def test_two_runs_on_one_postgresql_one_syncs_the_other_skips(simulator, db_url)
     server = simulator(events=3000, seed=21, latency=0.5)  # slow pages keep the first run busy
     first = run_in_background(server, db_url)
     wait_for_requests(server, 2, first)
+    server.sim.latency = 5.0  # the first run outlasts the second's start, however slow the machine
     second = cli(
         "run", env={"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": db_url}
     )
@@ -162,6 +163,7 @@ def test_a_second_process_on_a_duckdb_file_gets_one_line_and_exit_9(simulator, d
     server = simulator(events=3000, seed=25, latency=0.5)
     first = run_in_background(server, duckdb_url)
     wait_for_requests(server, 2, first)
+    server.sim.latency = 5.0  # the first run outlasts the second's start, however slow the machine
     env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": duckdb_url}
     second = cli("run", env=env)
     assert first.poll() is None

@@ -95,7 +95,10 @@ def test_a_slow_or_failing_source_delays_no_other_and_the_sources_share_one_requ
         *organizations(3, key="sk-admin-small", seed=64, events=100).by_key.values(),
     ])  # fmt: skip
     with SimulatorServer(orgs) as server:
-        toml, keys = config(tmp_path / "sources.toml", orgs, max_requests_per_second=20, detections=False)
+        # A place for every source: with the slow one holding a place for 20 s, the default 4 leave 3 for six
+        # jobs a tick, and a job that starts after its tick's boundary counts for the next one.
+        toml, keys = config(tmp_path / "sources.toml", orgs, max_requests_per_second=20, detections=False,
+                            max_concurrent_sources=8)  # fmt: skip
         toml.write_text(toml.read_text() + '[[sources]]\nname = "org-failing"\nkey_env = "ORG_FAILING_KEY"\n')
         keys["ORG_FAILING_KEY"] = "sk-admin-revoked"  # no organization's: 401 at every run
         proc = start_daemon(server, pg_url, toml, keys, "--interval", f"{period}s")
