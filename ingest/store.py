@@ -83,6 +83,11 @@ class Warehouse:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def settle(self, conn: sa.Connection) -> None:
+        """After a sync's writes: the engine's work of closing the warehouse, done now (DuckDB's checkpoint), in
+        its own transaction on `conn`."""
+        self.backend.settle(conn)
+
     def lock(
         self, conn: sa.Connection, name: str, *, wait: bool = False, stop: threading.Event | None = None
     ) -> contextlib.AbstractContextManager[bool]:

@@ -149,8 +149,11 @@ def feeding(settings: Settings, warehouse: store.Warehouse) -> Iterator[None]:
     except RulesError as exc:  # a rule file edited since the start: the sync goes on, the rules wait for a fix
         log.error("%s; the rules evaluate this run's batches once they load again", exc)
         found = list(sinks.configured(settings))
-    with consumers.alongside(warehouse, [c for c in found if not isinstance(c, sinks.Sink)]) as healthy:
+    rules = [c for c in found if not isinstance(c, sinks.Sink)]
+    # A connection held for the block: the sync's own closing would checkpoint DuckDB's file there and then.
+    with warehouse.connect() as held, consumers.alongside(warehouse, rules) as healthy:
         yield
+        warehouse.settle(held)  # while the rules finish their last round
     feed_consumers(settings, warehouse, [c for c in found if c in healthy or isinstance(c, sinks.Sink)])
 
 

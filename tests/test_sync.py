@@ -151,3 +151,23 @@ def test_expired_cursor_restarts_the_sweep_from_its_top(simulator, db_url, key_e
     warehouse.dispose()
     assert summary.events_new == 800
     assert_exact(server.sim, db_url)
+
+
+def test_duckdbs_checkpoint_after_a_sync_waits_for_a_connection_still_writing_and_loses_nothing(
+    simulator, duckdb_url, key_env
+):
+    """`Warehouse.settle` checkpoints the file while the rules finish their last round; DuckDB refuses while
+    another connection has an update pending: then the close checkpoints, as it would have."""
+    server = simulator(events=300, seed=27)
+    sync(server, duckdb_url, detections=False)
+    warehouse = Warehouse(duckdb_url)
+    try:
+        with warehouse.connect() as writer, warehouse.connect() as other:
+            writer.exec_driver_sql("UPDATE sync_state SET updated_at = updated_at")  # pending, uncommitted
+            warehouse.settle(other)  # refused: no error, nothing lost
+            writer.commit()
+            warehouse.settle(other)
+            assert not other.in_transaction()
+    finally:
+        warehouse.dispose()
+    assert set(stored_events(duckdb_url)) == {e["id"] for e in server.sim.events}

@@ -51,6 +51,9 @@ class Backend(Protocol):
     def atomically(self, conn: sa.Connection, work: Callable[[], T]) -> T:
         """`work()` in one transaction."""
 
+    def settle(self, conn: sa.Connection) -> None:
+        """After a sync's writes: what the engine would otherwise do when the last connection closes."""
+
     def stage(self, batch: model.Batch) -> model.Batch:
         """The batch in the backend's bulk form, built before its transaction starts."""
 

@@ -98,6 +98,21 @@ def atomically(conn: sa.Connection, work: Callable[[], T]) -> T:
             log.warning("a batch needed more than DuckDB's memory limit of %s: trying again with twice as much", limit)
 
 
+def settle(conn: sa.Connection) -> None:
+    # The checkpoint that closing the file would make, made now: it runs in the engine while the rules finish
+    # their last round in Python (ingest.sync.feeding), rather than after them. While they are writing, DuckDB
+    # refuses it: closing the file makes it then, as it would have.
+    import duckdb
+
+    try:
+        conn.exec_driver_sql("CHECKPOINT")
+        conn.commit()
+    except sa.exc.DBAPIError as exc:
+        conn.rollback()
+        if not (isinstance(exc.orig, duckdb.TransactionException) and "Cannot CHECKPOINT" in str(exc.orig)):
+            raise
+
+
 def _out_of_memory(error: BaseException | None) -> bool:
     import duckdb
 
