@@ -85,10 +85,10 @@ def _feed(conn: sa.Connection, consumer: Consumer, max_events: int) -> int:
 def alongside(warehouse: store.Warehouse, consumers: Sequence[Consumer]) -> Iterator[list[Consumer]]:
     """Feeds `consumers` in a thread while the block runs (a sync), round after round, each processing what
     committed since the last (ROUND_SECONDS apart once they are level with the log), so that a first sync's
-    rules run while its workers wait on the API, not after it. Yields the consumers that have not failed: one that fails is logged and fed no more, and
-    the caller should not feed it either: the next run retries it from its checkpoint. The block's end waits
-    for the chunk in progress (a stop does not wait for the rules to catch up); what is left is the caller's
-    to feed."""
+    rules run while its workers wait on the API, not after it. Yields the consumers that have not failed: one
+    that fails is logged and fed no more, and the caller should not feed it either: the next run retries it
+    from its checkpoint. The block's end waits for the chunk in progress (a stop does not wait for the rules
+    to catch up); what is left is the caller's to feed."""
     healthy = list(consumers)
     if not healthy:
         yield healthy

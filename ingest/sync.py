@@ -288,9 +288,8 @@ def _sweep_streams(
             continue
         if not was_split:
             parts = head(conn, threading.Lock())
-            if head.unavailable and resumed:
-                again.remove((key, filters))
             if head.unavailable:
+                _drop_unavailable(again, head)
                 continue
         if parts:
             split.append((key, state))
@@ -301,13 +300,19 @@ def _sweep_streams(
         _pool(warehouse, client, pending, summary, settings.workers, stop or threading.Event(), on_progress,
               settings.retention, heads)  # fmt: skip
     for head in heads:
-        if head.unavailable and (head.key, head.filters) in again:
-            again.remove((head.key, head.filters))
-        elif not head.unavailable:
+        if head.unavailable:
+            _drop_unavailable(again, head)
+        else:
             split.append((head.key, head.state))
     for key, state in split:
         _complete_stream(conn, key, state, settings.retention)
     return again
+
+
+def _drop_unavailable(again: list[tuple[Key, Query]], head: _Head) -> None:
+    """A refused stream does not sweep again in this run, resumed or not."""
+    if (head.key, head.filters) in again:
+        again.remove((head.key, head.filters))
 
 
 @dataclass
@@ -545,16 +550,17 @@ def _pool(
     queued = list(pending)
     starting = list(heads)
     running: dict[str, tuple[SweepState, Query, _Reach]] = {}
-    heading = [0]  # heads running: they hold a place, and no worker may split them
+    heading = 0  # heads running: they hold a place, and no worker may split them
     failed = threading.Event()  # a slice failed: the others finish theirs, and no worker takes another
 
     def take(conn: sa.Connection) -> _Head | tuple[SweepState, Query, _Reach] | None:
+        nonlocal heading
         with changed:
             while not (stop.is_set() or failed.is_set()):
                 found: tuple[SweepState, Query, _Reach] | None = None
-                if heading[0] + sum(not reach.done for _, _, reach in running.values()) < workers:
+                if heading + sum(not reach.done for _, _, reach in running.values()) < workers:
                     if starting:
-                        heading[0] += 1
+                        heading += 1
                         return starting.pop(0)
                     if queued:
                         found = (*queued.pop(0), _Reach())
@@ -564,12 +570,13 @@ def _pool(
                 if found:
                     running[found[0].key] = found
                     return found
-                if not running and not queued and not heading[0]:
+                if not running and not queued and not heading:
                     return None
                 changed.wait(STEAL_POLL)  # until a slice is done, or one has more to split off
         return None
 
     def start(conn: sa.Connection, head: _Head) -> None:
+        nonlocal heading
         parts: list[SweepState] = []
         try:
             parts = head(conn, lock)
@@ -578,7 +585,7 @@ def _pool(
             raise
         finally:
             with changed:  # its slices queued as it frees its place: no worker sees the pool empty between
-                heading[0] -= 1
+                heading -= 1
                 queued.extend((p, head.filters) for p in parts)
                 changed.notify_all()
 
