@@ -263,13 +263,16 @@ def writes_half(name: str, sim: Simulator, database_url: str, count, floor_wall:
 
 def noop_runs(sim: Simulator, database_url: str, times: int = 3) -> tuple[Measure, int]:
     """A run with nothing new, `times` times: (median measure, most requests any of them made)."""
-    walls, requests = [], []
+    walls, peaks, requests = [], [], []
     for _ in range(times):
         before = sim.stats()["requests"]
-        walls.append(ingest(["run"], sim, database_url).wall)
+        done = ingest(["run"], sim, database_url)
+        walls.append(done.wall)
+        peaks.append(done.rss_mb)
         requests.append(sim.stats()["requests"] - before)
     note = f"{max(requests)} requests; walls " + " ".join(f"{w:.2f}" for w in walls)
-    return Measure("run, nothing new (median)", 0, statistics.median(walls), note=note), max(requests)
+    measure = Measure("run, nothing new (median)", 0, statistics.median(walls), statistics.median(peaks), note=note)
+    return measure, max(requests)
 
 
 def duckdb_count(path: Path):
@@ -427,6 +430,8 @@ def main() -> int:
         measures.append(noop)
         target(requests <= 2 and noop.wall <= 1.0,
                f"run with nothing new: at most 2 requests and 1.0 s: {requests} requests, {noop.wall:.2f} s")  # fmt: skip
+        target(noop.rss_mb is not None and noop.rss_mb <= 100,
+               f"run with nothing new: peak RSS at most 100 MB (issue 14): {noop.rss_mb:.0f} MB")  # fmt: skip
 
         def postgres_run(pg_url: str) -> Measure:
             try:

@@ -342,21 +342,29 @@ def _values(event: dict, path: str) -> list:
     """The values at a dotted path; lists on the way are flattened (any item may match). Keys may hold
     dots themselves: the payload is under the event's type (`api_key.created.data.scopes`)."""
     out: list = []
-    _walk(event, path.split("."), out)
+    steps = _steps(path)
+    _walk(event, steps, 0, out)
     return out
 
 
-def _walk(value, parts: list[str], out: list) -> None:
+@cache
+def _steps(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Per part of the path: the keys that may start there (one part, or several joined by dots), each with the
+    part the rest of the path starts at. Built once per path: the walk runs for every field of every event."""
+    parts = path.split(".")
+    return tuple(tuple((".".join(parts[i:j]), j) for j in range(i + 1, len(parts) + 1)) for i in range(len(parts)))
+
+
+def _walk(value, steps: tuple[tuple[tuple[str, int], ...], ...], at: int, out: list) -> None:
     if isinstance(value, list):
         for item in value:
-            _walk(item, parts, out)
-    elif not parts:
+            _walk(item, steps, at, out)
+    elif at == len(steps):
         out.append(value)
     elif isinstance(value, dict):
-        for k in range(1, len(parts) + 1):
-            key = ".".join(parts[:k]) if k > 1 else parts[0]
+        for key, rest in steps[at]:
             if key in value:
-                _walk(value[key], parts[k:], out)
+                _walk(value[key], steps, rest, out)
 
 
 def _leaves(value) -> Iterator:

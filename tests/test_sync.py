@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 
-from support import KEY, cli, kill_run_after, scalar, settings_for, stored_events, sync
+from support import KEY, assert_verified, cli, kill_run_after, scalar, settings_for, stored_events, sync
 
 from ingest.model import is_tenant_scoped
 from ingest.store import Warehouse
@@ -171,3 +174,19 @@ def test_duckdbs_checkpoint_after_a_sync_waits_for_a_connection_still_writing_an
     finally:
         warehouse.dispose()
     assert set(stored_events(duckdb_url)) == {e["id"] for e in server.sim.events}
+
+
+def test_a_run_with_a_few_new_events_on_duckdb_stores_them_exactly_without_importing_pyarrow(simulator, duckdb_url):
+    server = simulator(events=2000, seed=8)
+    env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": duckdb_url}
+    assert cli("run", env=env).returncode == 0
+    server.sim.append(3)  # written as bound values: too few to pay for importing pyarrow
+    report = "import atexit, sys; atexit.register(lambda: print('pyarrow' in sys.modules))"
+    quiet = subprocess.run(
+        [sys.executable, "-c", f"{report}; from ingest.cli import main; sys.argv[1:] = ['run']; main()"],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert quiet.returncode == 0, quiet.stderr
+    assert "3 new" in quiet.stdout and quiet.stdout.splitlines()[-1] == "False"
+    assert_exact(server.sim, duckdb_url)
+    assert_verified(duckdb_url, 2003)  # typed rows as derived from raw, the ledger whole
