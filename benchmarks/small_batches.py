@@ -1,4 +1,4 @@
-"""What a small batch costs on DuckDB written as bound parameters and as Arrow tables (`backends.duckdb._BOUND_VALUES`
+"""What a small batch costs on DuckDB written as bound parameters and as Arrow tables (`backends.duckdb.arrow`
 chooses), and what importing pyarrow costs a process that writes only such batches (a quiet run's lookback).
 
 Each batch is `sync.write_batch` in its transaction into one DuckDB file, of simulator events not stored yet;
@@ -34,14 +34,14 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=9)
     args = parser.parse_args()
     events = iter(Simulator(events=(2 + 2 * len(args.sizes) * args.repeat) * max(args.sizes)).events)
-    default = duckdb_backend._BOUND_VALUES
+    default, values = duckdb_backend._BOUND_BEFORE_ARROW, duckdb_backend._BOUND_VALUES
     with tempfile.TemporaryDirectory() as tmp:
         warehouse = store.Warehouse(f"duckdb:///{Path(tmp) / 'w.duckdb'}")
         warehouse.ensure_schema()
         with warehouse.connect() as conn:
 
             def write(n: int, bound: bool) -> float:
-                duckdb_backend._BOUND_VALUES = 10**9 if bound else 10  # 10: the setting before
+                duckdb_backend._BOUND_VALUES = 10**9 if bound else 10  # Arrow: pyarrow is imported by then
                 rows = store.stage("duckdb", model.normalise([next(events) for _ in range(n)], "bench", store.now()))
                 started = time.perf_counter()
                 store.atomically(conn, lambda: sync.write_batch(conn, "bench", "bench", rows))
@@ -53,12 +53,13 @@ def main() -> int:
                 arrow = statistics.median(write(n, False) for _ in range(args.repeat))
                 print(f"{n:3} events: bound {bound * 1000:5.1f} ms, Arrow {arrow * 1000:5.1f} ms")
         warehouse.dispose()
-    duckdb_backend._BOUND_VALUES = default
+    duckdb_backend._BOUND_VALUES = values
     imports = [float(subprocess.run([sys.executable, "-c", IMPORT], capture_output=True, text=True,
                                     check=True).stdout) for _ in range(args.repeat)]  # fmt: skip
     print(f"importing pyarrow (compute, dataset) in a fresh process: {statistics.median(imports) * 1000:.0f} ms")
     width = len(model.normalise([next(events)], "bench", store.now()).events[0])
-    print(f"_BOUND_VALUES = {default}: a batch of up to {default // width} events ({width} values each) binds")
+    print(f"_BOUND_BEFORE_ARROW = {default}: before pyarrow is imported, up to {default // width} events "
+          f"({width} values each) bind")  # fmt: skip
     return 0
 
 

@@ -6,12 +6,17 @@ is (or was rolled back and is given again). A consumer that has read up to N and
 misses a batch, also with several ingesters on one PostgreSQL. The price: writers of one warehouse serialise
 their batches' writes (their downloads and normalising still overlap).
 
-`read_after` is the one way to read the log; `ingest.consumers` runs its users from their checkpoints.
+`read_after` is the one way to read the log; `ingest.consumers` runs its users from their checkpoints. While a
+consumer follows a sync in the same process (`keeping`), the batches this process commits are handed to it with
+their events as parsed from the API (`committed`), instead of being read back and parsed again: most of a rules'
+round otherwise. The same values: `raw` is stored as those events' canonical JSON.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -78,6 +83,73 @@ def last_seq(conn: sa.Connection) -> int:
     return conn.execute(sa.select(sa.func.coalesce(sa.func.max(model.ingest_batches.c.seq), 0))).scalar_one()
 
 
+class _Kept:
+    """The batches this process committed while `keeping`, by sequence number: their new events, id order. At most
+    LIMIT events: a consumer that falls behind reads the older ones back."""
+
+    LIMIT = 20000
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.keepers = 0
+        self.batches: dict[int, list[StoredEvent]] = {}
+        self.events = 0
+
+    def add(self, seq: int, events: list[StoredEvent]) -> None:
+        with self.lock:
+            if not self.keepers:
+                return
+            self.events += len(events) - len(self.batches.get(seq, ()))
+            self.batches[seq] = events
+            while self.events > self.LIMIT:
+                self.events -= len(self.batches.pop(min(self.batches)))
+
+    def take(self, seqs: list[int]) -> dict[int, list[StoredEvent]] | None:
+        """The events of every batch of `seqs`, no longer kept; None unless all of them are."""
+        with self.lock:
+            if not all(seq in self.batches for seq in seqs):
+                return None
+            taken = {seq: self.batches.pop(seq) for seq in seqs}
+            self.events -= sum(map(len, taken.values()))
+            return taken
+
+
+_kept = _Kept()
+
+
+@contextmanager
+def keeping() -> Iterator[None]:
+    """For the block (a sync that a consumer follows), batches committed in this process are kept for `read_after`."""
+    with _kept.lock:
+        _kept.keepers += 1
+    try:
+        yield
+    finally:
+        with _kept.lock:
+            _kept.keepers -= 1
+            if not _kept.keepers:
+                _kept.batches.clear()
+                _kept.events = 0
+
+
+def kept_now() -> bool:
+    """Whether a consumer follows the sync in this process (`keeping`): its writers should hand it their batches."""
+    return bool(_kept.keepers)
+
+
+def committed(seq: int, events: list[dict], new: set[str]) -> None:
+    """Batch `seq` has committed, storing the events of `events` (as served) whose ids are in `new`: kept for
+    `read_after` while `keeping`. An id seen twice keeps its first event, as `model.normalise` does."""
+    if not _kept.keepers:
+        return
+    first: dict[str, dict] = {}
+    for event in events:
+        if event["id"] in new:
+            first.setdefault(event["id"], event)
+    stored = [StoredEvent(i, model.to_datetime(e["effective_at"]), e) for i, e in sorted(first.items())]
+    _kept.add(seq, stored)
+
+
 def read_after(conn: sa.Connection, after: int, *, max_events: int = 20000) -> list[CommittedBatch]:
     """The committed batches after `after`, in sequence order, with their events: whole batches, at least
     one, and no more than fit in `max_events` beyond the first."""
@@ -92,6 +164,9 @@ def read_after(conn: sa.Connection, after: int, *, max_events: int = 20000) -> l
         total += row.events
     if not chosen:
         return []
+    kept = _kept.take([row.seq for row in chosen])
+    if kept is not None:
+        return [CommittedBatch(r.seq, r.source, r.state_key, r.committed_at, kept[r.seq]) for r in chosen]
     ev = model.audit_events
     events: dict[int, list[StoredEvent]] = {row.seq: [] for row in chosen}
     for seq, event_id, at, raw in conn.execute(

@@ -151,7 +151,8 @@ def feeding(settings: Settings, warehouse: store.Warehouse) -> Iterator[None]:
         found = list(sinks.configured(settings))
     rules = [c for c in found if not isinstance(c, sinks.Sink)]
     # A connection held for the block: the sync's own closing would checkpoint DuckDB's file there and then.
-    with warehouse.connect() as held, consumers.alongside(warehouse, rules) as healthy:
+    keeping = batchlog.keeping() if rules else contextlib.nullcontext()
+    with warehouse.connect() as held, keeping, consumers.alongside(warehouse, rules) as healthy:
         yield
         warehouse.settle(held)  # while the rules finish their last round
     feed_consumers(settings, warehouse, [c for c in found if c in healthy or isinstance(c, sinks.Sink)])
@@ -805,6 +806,7 @@ class _Batch:
     rejected: list[tuple[str, str]]
     cursor: str | None
     oldest: int | None  # the smallest effective_at: newest first, everything after it is done
+    served: list[dict] | None  # the events as served, for a consumer following the sync (batchlog.committed)
 
 
 def _normalised(
@@ -842,20 +844,23 @@ def _normalise(pages: list[Page], source: str, dialect: str, lock: threading.Loc
         [r for p in pages for r in p.rejected],
         pages[-1].last_id,
         min((e["effective_at"] for e in events), default=None),
+        events if batchlog.kept_now() and backends.for_dialect(dialect).RAW_AS_SERVED else None,
     )
 
 
 def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSummary, lock: threading.Lock) -> None:
-    def write() -> set[str]:
-        new = write_batch(conn, state.source, state.key, batch.rows)
+    def write() -> tuple[int, set[str]]:
+        written = write_batch(conn, state.source, state.key, batch.rows)
         if batch.rejected:
             store.save_rejected(conn, state.source, batch.rejected)
         state.sweep_cursor = batch.cursor
         state.save(conn)
-        return new
+        return written
 
     with lock:  # concurrent sweeps (backfill slices) overlap all but their writes
-        new = store.atomically(conn, write)
+        seq, new = store.atomically(conn, write)
+        if new and batch.served is not None:
+            batchlog.committed(seq, batch.served, new)
         summary.pages += batch.pages
         summary.events_seen += batch.events
         summary.events_new += len(new)
@@ -874,9 +879,10 @@ def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSum
 _mismatch_logged: set[str] = set()  # once per type per process
 
 
-def write_batch(conn: sa.Connection, source: str, state_key: str, rows: model.Batch) -> set[str]:
+def write_batch(conn: sa.Connection, source: str, state_key: str, rows: model.Batch) -> tuple[int, set[str]]:
     """The one write path of events (in the caller's transaction): the rows, and their batch's entries in the
-    committed-batch log and the ledger when they store any; the ids of the new events."""
+    committed-batch log and the ledger when they store any; the batch's sequence number (its log entry's, once
+    committed) and the ids of the new events."""
     seq = batchlog.take(conn)
     new = store.save_batch(conn, rows, seq)
     if new:
@@ -885,14 +891,14 @@ def write_batch(conn: sa.Connection, source: str, state_key: str, rows: model.Ba
         ledger.record(conn, seq, source, ledger.batch_digests(stored))
     else:
         batchlog.give_back(conn, seq)
-    return new
+    return seq, new
 
 
 def store_events(conn: sa.Connection, source: str, state_key: str, events: list[dict]) -> set[str]:
     """Events served outside a sweep (a reconciliation's repair), normalised and written as a sweep's batch
     (in the caller's transaction); the ids of the new ones."""
     rows = store.stage(conn.dialect.name, model.normalise(events, source, store.now()))
-    return write_batch(conn, source, state_key, rows)
+    return write_batch(conn, source, state_key, rows)[1]
 
 
 def _ahead(items: Iterator, depth: int) -> Iterator:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from support import KEY, scalar, stored_events, sync
 
 import ingest.sync
+from ingest import batchlog
 from ingest.errors import BadResponseError
 from ingest.model import is_tenant_scoped
 from ingest.simulator import Simulator
@@ -153,6 +154,48 @@ def test_bad_items_are_kept_or_quarantined_never_lost(simulator, db_url):
     assert summary.events_new == 0 and summary.rejected == len(REJECTED)
     assert len(rejected_rows(db_url)) == len(REJECTED)
     assert len(stored_events(db_url)) == len(served) + len(kept)
+
+
+def test_the_batches_a_duckdb_sync_hands_the_rules_following_it_are_what_the_warehouse_reads_back(
+    simulator, duckdb_url, monkeypatch
+):
+    """While a consumer follows a sync (ingest.batchlog.keeping), a DuckDB writer hands it each committed batch's
+    events as served, unread: odd payloads, integers beyond 64 bits, an id served again changed on a later page."""
+    server = simulator(events=1200, seed=43)
+    items = [item for _, item in KEPT] + [DUPLICATE] + [item for _, item in REJECTED]
+    stream = [e for e in server.sim.events if not is_tenant_scoped(e["type"])]
+    changed = {"id": stream[0]["id"], "type": "user.added", "effective_at": stream[0]["effective_at"],
+               "user.added": {"id": "user_changed", "role": "owner"}}  # fmt: skip
+
+    def corrupt(request: httpx.Request, body: bytes) -> bytes | None:
+        if first_page(request):
+            return inject(body, items)
+        return inject(body, [changed]) if request.url.params.get("after") == stream[99]["id"] else None
+
+    transport = Corrupting(corrupt)
+    handed: list[int] = []
+    take = batchlog._Kept.take
+
+    def counted(self, seqs):
+        found = take(self, seqs)
+        handed.extend(seqs if found is not None else [])
+        return found
+
+    monkeypatch.setattr(batchlog._Kept, "take", counted)
+    warehouse = Warehouse(duckdb_url)
+    try:
+        with batchlog.keeping():
+            sync(server, duckdb_url, transport=transport, workers=1, detections=False)
+            with warehouse.connect() as conn, conn.begin():
+                kept = batchlog.read_after(conn, 0)
+        with warehouse.connect() as conn, conn.begin():
+            read_back = batchlog.read_after(conn, 0)
+    finally:
+        warehouse.dispose()
+    assert handed == [b.seq for b in read_back] and len(read_back) > 1
+    assert kept == read_back  # ids in order, effective_at, raw: the values the warehouse gives back
+    assert {"bad-bigint", "bad-null-actor"} <= {e.id for b in kept for e in b.events}
+    assert [e.raw for b in kept for e in b.events if e.id == changed["id"]] == [stream[0]]  # the first served
 
 
 def test_concatenated_json_documents_in_one_body(simulator, db_url):

@@ -36,6 +36,9 @@ class Backend(Protocol):
     # The daemon syncs several sources at once (each in its own session): PostgreSQL. A DuckDB file has one writer.
     CONCURRENT_SOURCES: bool
     JSON_SQL: Any  # the engine's JSON functions for ingest.typed_sql (a typed_sql.JsonSQL)
+    # `raw` reads back as the value served (DuckDB keeps its canonical text; PostgreSQL's jsonb respells some
+    # numbers): a sync's batches may then be handed to the consumers following it unread (ingest.batchlog).
+    RAW_AS_SERVED: bool
 
     def engine_options(self, read_only: bool) -> dict[str, Any]:
         """create_engine keywords: pooling, the engine's settings, read-only opens."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,15 +39,18 @@ CONFIG = {"checkpoint_threshold": "256MB", "threads": 1, "memory_limit": "64MB"}
 MEMORY_LIMIT_MAX = 4 * 2**30
 _BYTES = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}  # 'P': no limit
 
-# A few rows (a sweep's state, the few events a quiet run's lookback sees again) go as bound parameters: a run
-# that writes no more never imports pyarrow, which costs it more time and memory than binding them. Only a few:
-# binding costs more than Arrow a row, and a long VALUES list outgrows the memory limit (benchmarks/README.md).
-_BOUND_VALUES = 400
+# A few values (a sweep's state) go as bound parameters: binding costs more than Arrow a row, and a long VALUES
+# list outgrows the memory limit. So do a few rows more while the process has not imported pyarrow yet: a run
+# that writes no more (the few events a quiet run's lookback sees again) never pays for that import, which costs
+# more time and memory than binding them (benchmarks/README.md, "small batches").
+_BOUND_VALUES = 10
+_BOUND_BEFORE_ARROW = 400
 
 # Every DuckDB transaction reads one snapshot.
 SNAPSHOT: dict[str, str] = {}
 NORMALISE_AHEAD = False
 CONCURRENT_SOURCES = False
+RAW_AS_SERVED = True
 
 
 def engine_options(read_only: bool) -> dict[str, Any]:
@@ -136,7 +140,10 @@ def stage(batch: model.Batch) -> model.Batch:
 
 def arrow(table: sa.Table, rows: list[dict]):
     """An Arrow table of `rows`; unchanged if they are a few values, or an Arrow table already."""
-    if is_arrow(rows) or not rows or len(rows) * len(rows[0]) <= _BOUND_VALUES:
+    if is_arrow(rows) or not rows:
+        return rows
+    values = len(rows) * len(rows[0])
+    if values <= _BOUND_VALUES or (values <= _BOUND_BEFORE_ARROW and "pyarrow" not in sys.modules):
         return rows
     return arrow_table(table, rows)
 

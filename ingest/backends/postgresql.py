@@ -29,6 +29,7 @@ LOCK_POLL_SECONDS = 1.0  # a waiting ingester retries the lock this often
 SNAPSHOT: dict[str, str] = {"isolation_level": "REPEATABLE READ"}
 NORMALISE_AHEAD = True
 CONCURRENT_SOURCES = True
+RAW_AS_SERVED = False
 
 # Each column type's name for binary COPY (psycopg's names: the compiled FLOAT is not one). Subclasses before
 # their base: BigInteger is an Integer, Double a Float.
