@@ -15,6 +15,7 @@ round otherwise. The same values: `raw` is stored as those events' canonical JSO
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,70 +85,75 @@ def last_seq(conn: sa.Connection) -> int:
 
 
 class _Kept:
-    """The batches this process committed while `keeping`, by sequence number: their new events, id order. At most
-    LIMIT events: a consumer that falls behind reads the older ones back."""
+    """The batches committed in this process to a warehouse that `keeping` is on for (by engine), with their new
+    events, id order, oldest first. At most LIMIT events: a consumer that falls behind reads older ones back."""
 
     LIMIT = 20000
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.keepers = 0
-        self.batches: dict[int, list[StoredEvent]] = {}
+        self.keepers: Counter[sa.Engine] = Counter()
+        self.batches: dict[tuple[sa.Engine, int], list[StoredEvent]] = {}
         self.events = 0
 
-    def add(self, seq: int, events: list[StoredEvent]) -> None:
+    def add(self, engine: sa.Engine, seq: int, events: list[StoredEvent]) -> None:
         with self.lock:
-            if not self.keepers:
+            if not self.keepers[engine]:
                 return
-            self.events += len(events) - len(self.batches.get(seq, ()))
-            self.batches[seq] = events
-            while self.events > self.LIMIT:
-                self.events -= len(self.batches.pop(min(self.batches)))
+            self.events += len(events) - len(self.batches.get((engine, seq), ()))
+            self.batches[engine, seq] = events
+            while self.events > self.LIMIT:  # the oldest first: batches are added in commit order
+                self.events -= len(self.batches.pop(next(iter(self.batches))))
 
-    def take(self, seqs: list[int]) -> dict[int, list[StoredEvent]] | None:
-        """The events of every batch of `seqs`, no longer kept; None unless all of them are."""
+    def take(self, engine: sa.Engine, seqs: list[int]) -> dict[int, list[StoredEvent]]:
+        """The kept events of the batches of `seqs` (in order, the log's from its first); none of them, nor
+        any older batch, is kept any longer."""
+        wanted = set(seqs)
         with self.lock:
-            if not all(seq in self.batches for seq in seqs):
-                return None
-            taken = {seq: self.batches.pop(seq) for seq in seqs}
-            self.events -= sum(map(len, taken.values()))
+            taken = {seq: events for (e, seq), events in self.batches.items() if e is engine and seq in wanted}
+            self._drop(engine, seqs[-1])
             return taken
+
+    def _drop(self, engine: sa.Engine, through: int | None = None) -> None:
+        for key in [k for k in self.batches if k[0] is engine and (through is None or k[1] <= through)]:
+            self.events -= len(self.batches.pop(key))
 
 
 _kept = _Kept()
 
 
 @contextmanager
-def keeping() -> Iterator[None]:
-    """For the block (a sync that a consumer follows), batches committed in this process are kept for `read_after`."""
+def keeping(engine: sa.Engine) -> Iterator[None]:
+    """For the block (a consumer following a sync: ingest.consumers.alongside), the batches this process commits to
+    `engine`'s warehouse are kept for `read_after`."""
     with _kept.lock:
-        _kept.keepers += 1
+        _kept.keepers[engine] += 1
     try:
         yield
     finally:
         with _kept.lock:
-            _kept.keepers -= 1
-            if not _kept.keepers:
-                _kept.batches.clear()
-                _kept.events = 0
+            _kept.keepers[engine] -= 1
+            if not _kept.keepers[engine]:
+                del _kept.keepers[engine]
+                _kept._drop(engine)
 
 
 def kept_now() -> bool:
-    """Whether a consumer follows the sync in this process (`keeping`): its writers should hand it their batches."""
+    """Whether a consumer follows a sync in this process (`keeping`): its writers should keep their batches' events."""
     return bool(_kept.keepers)
 
 
-def committed(seq: int, events: list[dict], new: set[str]) -> None:
-    """Batch `seq` has committed, storing the events of `events` (as served) whose ids are in `new`: kept for
-    `read_after` while `keeping`. An id seen twice keeps its first event, as `model.normalise` does."""
-    if not _kept.keepers:
+def committed(conn: sa.Connection, seq: int, events: list[dict], new: set[str]) -> None:
+    """Batch `seq` has committed on `conn`, storing the events of `events` (as served) whose ids are in `new`:
+    kept for `read_after` while `keeping`. An id seen twice keeps its first event, as `model.normalise` does."""
+    if not _kept.keepers[conn.engine]:
         return
     first: dict[str, dict] = {}
     for event in events:
         if event["id"] in new:
             first.setdefault(event["id"], event)
     stored = [StoredEvent(i, model.to_datetime(e["effective_at"]), e) for i, e in sorted(first.items())]
-    _kept.add(seq, stored)
+    _kept.add(conn.engine, seq, stored)
 
 
 def read_after(conn: sa.Connection, after: int, *, max_events: int = 20000) -> list[CommittedBatch]:
@@ -164,17 +170,17 @@ def read_after(conn: sa.Connection, after: int, *, max_events: int = 20000) -> l
         total += row.events
     if not chosen:
         return []
-    kept = _kept.take([row.seq for row in chosen])
-    if kept is not None:
-        return [CommittedBatch(r.seq, r.source, r.state_key, r.committed_at, kept[r.seq]) for r in chosen]
-    ev = model.audit_events
-    events: dict[int, list[StoredEvent]] = {row.seq: [] for row in chosen}
-    for seq, event_id, at, raw in conn.execute(
-        sa.select(ev.c.batch_seq, ev.c.id, ev.c.effective_at, ev.c.raw)
-        .where(ev.c.batch_seq.between(chosen[0].seq, chosen[-1].seq))
-        .order_by(ev.c.batch_seq, ev.c.id)
-    ).all():  # fetched at once: row by row costs more than the evaluation of a rule
-        events[seq].append(StoredEvent(event_id, at, model.parsed(raw)))
+    events = _kept.take(conn.engine, [row.seq for row in chosen])
+    if missing := [row.seq for row in chosen if row.seq not in events]:
+        events.update({seq: [] for seq in missing})
+        ev = model.audit_events
+        for seq, event_id, at, raw in conn.execute(
+            sa.select(ev.c.batch_seq, ev.c.id, ev.c.effective_at, ev.c.raw)
+            .where(ev.c.batch_seq.in_(missing) if len(missing) < len(chosen) else
+                   ev.c.batch_seq.between(chosen[0].seq, chosen[-1].seq))
+            .order_by(ev.c.batch_seq, ev.c.id)
+        ).all():  # fmt: skip  # fetched at once: row by row costs more than the evaluation of a rule
+            events[seq].append(StoredEvent(event_id, at, model.parsed(raw)))
     return [CommittedBatch(r.seq, r.source, r.state_key, r.committed_at, events[r.seq]) for r in chosen]
 
 

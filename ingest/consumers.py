@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Protocol
 
 import sqlalchemy as sa
@@ -95,10 +95,13 @@ def alongside(warehouse: store.Warehouse, consumers: Sequence[Consumer]) -> Iter
         return
     done = threading.Event()
     crashed: list[BaseException] = []
+    # The sync's writers hand the consumers their batches (ingest.batchlog.keeping) while the thread follows it.
+    handed = ExitStack()
+    handed.enter_context(batchlog.keeping(warehouse.engine))
 
     def follow() -> None:
         try:
-            while not done.is_set():
+            while not done.is_set() and healthy:
                 fed = run(warehouse, list(healthy), on_error=lambda consumer, _: healthy.remove(consumer), stop=done)
                 if not any(fed.values()):
                     done.wait(ROUND_SECONDS)
@@ -106,6 +109,8 @@ def alongside(warehouse: store.Warehouse, consumers: Sequence[Consumer]) -> Iter
             log.warning("consumers alongside the sync stopped (they run after it): %s", exc)
         except BaseException as exc:  # a bug: raised in the caller's thread once the block has ended
             crashed.append(exc)
+        finally:
+            handed.close()
 
     thread = threading.Thread(target=follow, name="consumers", daemon=True)
     thread.start()
@@ -114,6 +119,7 @@ def alongside(warehouse: store.Warehouse, consumers: Sequence[Consumer]) -> Iter
     finally:
         done.set()
         thread.join()
+        handed.close()
     if crashed:
         raise crashed[0]
 

@@ -31,7 +31,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 import yaml
 
@@ -394,7 +393,7 @@ def _string(value, found: list) -> bool:
         cached = _STRING_REGEX[id(value)] = (value, _regex(str(value.to_regex().regexp), flags))
     regex = cached[1]
     return any(
-        regex.fullmatch(v if isinstance(v, str) else orjson.dumps(v).decode())
+        regex.fullmatch(v if isinstance(v, str) else model.canonical(v))  # canonical: integers beyond 64 bits too
         for v in found
         if v is not None and not isinstance(v, dict | list)
     )
@@ -606,7 +605,8 @@ def _group(rule: Rule, aliases: dict[str, dict[str, str]], base_id: str, event: 
         values = _values(event, path)
         if not values or values[0] is None:
             return None
-        key.append(values[0] if isinstance(values[0], str) else orjson.dumps(values[0]).decode())
+        # Canonical: equal objects are one group whatever their key order (as served, or as stored: sorted).
+        key.append(values[0] if isinstance(values[0], str) else model.canonical(values[0]))
     return tuple(key)
 
 

@@ -151,8 +151,7 @@ def feeding(settings: Settings, warehouse: store.Warehouse) -> Iterator[None]:
         found = list(sinks.configured(settings))
     rules = [c for c in found if not isinstance(c, sinks.Sink)]
     # A connection held for the block: the sync's own closing would checkpoint DuckDB's file there and then.
-    keeping = batchlog.keeping() if rules else contextlib.nullcontext()
-    with warehouse.connect() as held, keeping, consumers.alongside(warehouse, rules) as healthy:
+    with warehouse.connect() as held, consumers.alongside(warehouse, rules) as healthy:
         yield
         warehouse.settle(held)  # while the rules finish their last round
     feed_consumers(settings, warehouse, [c for c in found if c in healthy or isinstance(c, sinks.Sink)])
@@ -860,7 +859,7 @@ def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSum
     with lock:  # concurrent sweeps (backfill slices) overlap all but their writes
         seq, new = store.atomically(conn, write)
         if new and batch.served is not None:
-            batchlog.committed(seq, batch.served, new)
+            batchlog.committed(conn, seq, batch.served, new)
         summary.pages += batch.pages
         summary.events_seen += batch.events
         summary.events_new += len(new)

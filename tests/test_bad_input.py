@@ -13,7 +13,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 import sqlalchemy as sa
-from support import KEY, scalar, stored_events, sync
+from support import KEY, scalar, settings_for, stored_events, sync
 
 import ingest.sync
 from ingest import batchlog
@@ -21,6 +21,7 @@ from ingest.errors import BadResponseError
 from ingest.model import is_tenant_scoped
 from ingest.simulator import Simulator
 from ingest.store import Warehouse
+from ingest.sync import run_sources
 
 T = 1_790_000_000  # inside no test's window: the API may send events it was not asked for
 HUGE = ("Grüße 🚀 'quoted' \"double\" \\ back " * 70_000)[:2_000_000]
@@ -176,16 +177,17 @@ def test_the_batches_a_duckdb_sync_hands_the_rules_following_it_are_what_the_war
     handed: list[int] = []
     take = batchlog._Kept.take
 
-    def counted(self, seqs):
-        found = take(self, seqs)
-        handed.extend(seqs if found is not None else [])
+    def counted(self, engine, seqs):
+        found = take(self, engine, seqs)
+        handed.extend(found)
         return found
 
     monkeypatch.setattr(batchlog._Kept, "take", counted)
     warehouse = Warehouse(duckdb_url)
     try:
-        with batchlog.keeping():
-            sync(server, duckdb_url, transport=transport, workers=1, detections=False)
+        with batchlog.keeping(warehouse.engine):
+            settings = settings_for(server, duckdb_url, workers=1, detections=False)
+            run_sources(settings, warehouse, settings.sources, transport=transport)
             with warehouse.connect() as conn, conn.begin():
                 kept = batchlog.read_after(conn, 0)
         with warehouse.connect() as conn, conn.begin():
@@ -196,6 +198,56 @@ def test_the_batches_a_duckdb_sync_hands_the_rules_following_it_are_what_the_war
     assert kept == read_back  # ids in order, effective_at, raw: the values the warehouse gives back
     assert {"bad-bigint", "bad-null-actor"} <= {e.id for b in kept for e in b.events}
     assert [e.raw for b in kept for e in b.events if e.id == changed["id"]] == [stream[0]]  # the first served
+
+
+def test_odd_events_written_as_bound_parameters_store_what_arrow_tables_store(tmp_path, monkeypatch):
+    """DuckDB binds a small batch's rows when pyarrow is not imported yet (a quiet run): every table holds what the
+    Arrow path writes, value for value."""
+    from ingest import model, store
+    from ingest.backends import duckdb as duckdb_backend
+
+    rows = model.normalise([item for _, item in KEPT], "odd", store.now())
+    tables = {}
+    for way, values in (("bound", 10**9), ("arrow", 10)):
+        monkeypatch.setattr(duckdb_backend, "_BOUND_VALUES", values)
+        warehouse = Warehouse(f"duckdb:///{tmp_path / way}.duckdb")
+        try:
+            warehouse.ensure_schema()
+            with warehouse.connect() as conn:
+                staged = store.stage("duckdb", rows)
+                store.atomically(conn, lambda: ingest.sync.write_batch(conn, "odd", "odd", staged))  # noqa: B023
+                tables[way] = {
+                    table.name: sorted(repr(tuple(r)) for r in conn.execute(sa.select(*(
+                        c for c in table.columns if c.name != "committed_at"))))  # the log's: the clock's
+                    for table in model.metadata.sorted_tables
+                }  # fmt: skip
+        finally:
+            warehouse.dispose()
+    assert tables["bound"] == tables["arrow"] and len(tables["arrow"]["audit_events"]) == len(KEPT)
+
+
+HUGE_LIMIT_RULE = """title: Huge rate limit asked for
+name: huge_rate_limit
+status: test
+logsource: {product: openai, service: audit_logs}
+detection:
+  selection:
+    rate_limit.updated.changes_requested.max_requests_per_1_minute|startswith: '11805916207174113034'
+  condition: selection
+level: low
+"""
+
+
+def test_a_rule_matching_an_integer_beyond_64_bits_alerts_on_its_event(simulator, db_url, tmp_path):
+    """A string match against a number spells it as JSON does, exactly, integers beyond 64 bits included."""
+    (tmp_path / "huge.yml").write_text(HUGE_LIMIT_RULE)
+    server = simulator(events=300, seed=44)
+    items = [item for _, item in KEPT]
+    transport = Corrupting(lambda request, body: inject(body, items) if first_page(request) else None)
+    [summary] = sync(server, db_url, transport=transport, workers=1, rules_dir=str(tmp_path))
+    assert summary.status == "ok"
+    found = scalar(db_url, "SELECT event_ids FROM alerts WHERE rule_id = 'huge_rate_limit'")
+    assert (found if isinstance(found, list) else json.loads(found)) == ["bad-bigint"]
 
 
 def test_concatenated_json_documents_in_one_body(simulator, db_url):

@@ -158,6 +158,64 @@ def test_a_consumer_failing_alongside_a_sync_is_logged_once_and_fed_no_more_unti
     assert sorted(ok.ids) == sorted(e["id"] for e in server.sim.events)
 
 
+def test_batches_kept_for_a_follower_stay_bounded_and_a_chunk_reads_back_only_those_not_kept(
+    simulator, duckdb_url, key_env, monkeypatch
+):
+    """ingest.batchlog.keeping: at most LIMIT events kept, the oldest dropped first; a chunk takes what is kept,
+    reads the rest back, and leaves nothing kept behind it; a warehouse nobody keeps for hands nothing."""
+    from ingest.sync import run_sources
+
+    monkeypatch.setattr(batchlog._Kept, "LIMIT", 250)
+    monkeypatch.setattr("ingest.sync.BATCH_EVENTS", 100)  # a batch a page
+    server = simulator(events=1000, seed=66)
+    settings = settings_for(server, duckdb_url, detections=False, workers=1)
+    warehouse, other = Warehouse(duckdb_url), Warehouse(duckdb_url.replace(".duckdb", "-other.duckdb"))
+    try:
+        with batchlog.keeping(warehouse.engine):
+            run_sources(settings, warehouse, settings.sources)
+            assert 0 < batchlog._kept.events <= 250
+            with warehouse.connect() as conn, conn.begin():
+                newest = [seq for _, seq in batchlog._kept.batches]
+                handed = batchlog._kept.batches[conn.engine, newest[-1]][0]
+                chunk = batchlog.read_after(conn, 0)
+            assert batchlog._kept.events == 0 and newest == [b.seq for b in chunk[-len(newest) :]]
+            assert chunk[-1].events[0] is handed  # taken as kept, not read back
+            other_settings = settings_for(server, other.url, detections=False, workers=1)
+            run_sources(other_settings, other, other_settings.sources)
+            assert batchlog._kept.events == 0
+        with warehouse.connect() as conn, conn.begin():
+            read_back = batchlog.read_after(conn, 0)
+    finally:
+        warehouse.dispose()
+        other.dispose()
+    assert len(read_back) > len(newest) and chunk == read_back
+
+
+def test_a_sync_keeps_no_batch_once_every_consumer_following_it_has_failed(simulator, duckdb_url, key_env):
+    from ingest.errors import IngestError
+    from ingest.sync import run_sources
+
+    class Failing:
+        name = "failing"
+
+        def process(self, conn, batches) -> None:
+            raise IngestError("receiver down")
+
+    server = simulator(events=3000, seed=67, latency=0.05)
+    settings = settings_for(server, duckdb_url, detections=False, workers=1)  # 30 pages, 1.5 s at least
+    warehouse = Warehouse(duckdb_url)
+    keeping: list[bool] = []  # after each batch: whether the writers still keep their batches for a follower
+    try:
+        warehouse.ensure_schema()
+        with consumers.alongside(warehouse, [Failing()]) as healthy:
+            run_sources(
+                settings, warehouse, settings.sources, on_progress=lambda _: keeping.append(batchlog.kept_now())
+            )
+    finally:
+        warehouse.dispose()
+    assert healthy == [] and keeping[0] and not keeping[-1] and batchlog._kept.events == 0
+
+
 def test_a_consumer_another_postgresql_session_is_feeding_is_skipped_then_fed_once_it_is_free(
     simulator, pg_url, key_env
 ):

@@ -142,9 +142,9 @@ def test_rules_keep_up_with_the_sync_as_it_commits_and_raise_what_one_pass_after
     handed: list[int] = []  # batches the sync's writers handed the rules unread (DuckDB: ingest.batchlog.keeping)
     take = batchlog._Kept.take
 
-    def counted(self, seqs):
-        found = take(self, seqs)
-        handed.extend(seqs if found is not None else [])
+    def counted(self, engine, seqs):
+        found = take(self, engine, seqs)
+        handed.extend(found)
         return found
 
     monkeypatch.setattr(batchlog._Kept, "take", counted)
