@@ -381,3 +381,13 @@ def test_each_detection_rule_as_sql_selects_the_events_the_engine_matches(simula
     assert compared >= 15
     with pytest.raises(RulesError, match="is a list"):
         sigma_sql.to_sql(rules.by_id()["openai_api_key_org_write_scope"], dialect)
+
+
+def test_a_correlation_groups_equal_objects_together_whatever_their_key_order():
+    """The sync hands the rules events as served and the warehouse gives them back with sorted keys: one value."""
+    from types import SimpleNamespace
+
+    rule = SimpleNamespace(sigma=SimpleNamespace(group_by=["actor.session.ip_address_details"]))
+    served = {"actor": {"session": {"ip_address_details": {"country": "US", "asn": "AS1", "city": "Reno"}}}}
+    stored = {"actor": {"session": {"ip_address_details": {"asn": "AS1", "city": "Reno", "country": "US"}}}}
+    assert detect._group(rule, {}, "base", served) == detect._group(rule, {}, "base", stored) is not None
