@@ -264,6 +264,20 @@ def _with_seq(rows, seq: int | None):
     return rows.append_column("batch_seq", pa.repeat(pa.scalar(seq, pa.int64()), len(rows)))
 
 
+def unstored(conn: sa.Connection, events: list[dict], until: int) -> list[dict]:
+    """The events of `events` (as served) but those of effective_at `until` or older stored already, looked up by
+    id within their time range as the insert-if-absent does (in a transaction of its own): a batch's replays
+    left out before they are normalised. The insert-if-absent still keeps every event once: this only saves work."""
+    times = [e["effective_at"] for e in events if e["effective_at"] <= until]
+    if not times:
+        return events
+    ev = model.audit_events
+    window = ev.c.effective_at.between(model.to_datetime(min(times)), model.to_datetime(max(times)))
+    with conn.begin():
+        stored = set(conn.execute(sa.select(ev.c.id).where(window)).scalars())
+    return [e for e in events if e["id"] not in stored] if stored else events
+
+
 def span_of(rows) -> tuple[datetime, datetime]:
     """The earliest and latest effective_at among event rows (dicts, or the DuckDB backend's Arrow table)."""
     if not is_arrow(rows):

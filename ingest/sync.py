@@ -745,7 +745,10 @@ def sweep(
             if backends.for_dialect(conn.dialect.name).NORMALISE_AHEAD:
                 batches = _ahead(_normalised(pages, state.source, conn.dialect.name), 1)
             else:  # see PREFETCH_PAGES: no Python work beside the engine's statements
-                batches = _normalised(pages, state.source, conn.dialect.name, lock)
+                # What the window's lookback sees again is stored already: left out before it costs any work.
+                until = state.checkpoint
+                fresh = None if until is None else functools.partial(store.unstored, conn, until=until)
+                batches = _normalised(pages, state.source, conn.dialect.name, lock, fresh)
             for batch in batches:
                 _save(conn, state, batch, summary, lock)
                 del batch  # not kept alive while waiting for the next one
@@ -809,10 +812,12 @@ class _Batch:
 
 
 def _normalised(
-    pages: Iterator[Page], source: str, dialect: str, lock: threading.Lock | None = None
-) -> Iterator[_Batch]:
+    pages: Iterator[Page], source: str, dialect: str, lock: threading.Lock | None = None,
+    fresh: Callable[[list[dict]], list[dict]] | None = None,
+) -> Iterator[_Batch]:  # fmt: skip
     """Pages grouped into batches (up to BATCH_EVENTS events or BATCH_SECONDS), normalised and staged together,
-    holding `lock` if given (the writers' lock of concurrent sweeps).
+    holding `lock` if given (the writers' lock of concurrent sweeps); only the events `fresh` keeps, if given
+    (`store.unstored`: a quiet run's lookback then costs neither staging nor a write).
 
     No reference outlives its use (`del`): a batch's pages and rows are a large part of a run's memory."""
     group: list[Page] = []
@@ -824,18 +829,21 @@ def _normalised(
         size += len(page.events)
         del page
         if size >= BATCH_EVENTS or time.monotonic() - since >= BATCH_SECONDS:
-            batch = _normalise(group, source, dialect, lock)
+            batch = _normalise(group, source, dialect, lock, fresh)
             group, size = [], 0
             yield batch
             del batch
     if group:
-        yield _normalise(group, source, dialect, lock)
+        yield _normalise(group, source, dialect, lock, fresh)
 
 
-def _normalise(pages: list[Page], source: str, dialect: str, lock: threading.Lock | None) -> _Batch:
+def _normalise(
+    pages: list[Page], source: str, dialect: str, lock: threading.Lock | None,
+    fresh: Callable[[list[dict]], list[dict]] | None,
+) -> _Batch:  # fmt: skip
     events = [e for p in pages for e in p.events]
     with lock or contextlib.nullcontext():
-        rows = store.stage(dialect, model.normalise(events, source, store.now()))
+        rows = store.stage(dialect, model.normalise(fresh(events) if fresh else events, source, store.now()))
     return _Batch(
         rows,
         len(pages),

@@ -177,16 +177,19 @@ def test_duckdbs_checkpoint_after_a_sync_waits_for_a_connection_still_writing_an
 
 
 def test_a_run_with_a_few_new_events_on_duckdb_stores_them_exactly_without_importing_pyarrow(simulator, duckdb_url):
-    server = simulator(events=2000, seed=8)
+    """The hundreds of events its lookback sees again are left out unstaged (`store.unstored`); the few new ones
+    are bound, too few to pay for importing pyarrow."""
+    server = simulator(events=2000, seed=8, span_seconds=1800)  # the 15-minute lookback sees half of them again
     env = {"OPENAI_ADMIN_KEY": KEY, "OPENAI_BASE_URL": server.url, "AUDIT_INGEST_DATABASE_URL": duckdb_url}
     assert cli("run", env=env).returncode == 0
-    server.sim.append(3)  # written as bound values: too few to pay for importing pyarrow
+    server.sim.append(3)
     report = "import atexit, sys; atexit.register(lambda: print('pyarrow' in sys.modules))"
     quiet = subprocess.run(
         [sys.executable, "-c", f"{report}; from ingest.cli import main; sys.argv[1:] = ['run']; main()"],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert quiet.returncode == 0, quiet.stderr
-    assert "3 new" in quiet.stdout and quiet.stdout.splitlines()[-1] == "False"
+    seen = int(quiet.stdout.split(" events seen")[0].rsplit(" ", 1)[-1].replace(",", ""))
+    assert seen > 300 and "3 new" in quiet.stdout and quiet.stdout.splitlines()[-1] == "False"
     assert_exact(server.sim, duckdb_url)
     assert_verified(duckdb_url, 2003)  # typed rows as derived from raw, the ledger whole
