@@ -142,3 +142,20 @@ def cli(
     return subprocess.run(
         [sys.executable, "-m", "ingest", *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+def handed_batches(monkeypatch) -> list[int]:
+    """The sequence numbers of the batches `batchlog.read_after` takes as a sync handed them (ingest.batchlog.keeping)
+    rather than reading them back, filled as the test runs."""
+    from ingest import batchlog
+
+    handed: list[int] = []
+    take = batchlog._Kept.take
+
+    def counted(self, engine, seqs):
+        found = take(self, engine, seqs)
+        handed.extend(found)
+        return found
+
+    monkeypatch.setattr(batchlog._Kept, "take", counted)
+    return handed

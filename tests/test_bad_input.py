@@ -13,7 +13,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 import sqlalchemy as sa
-from support import KEY, scalar, settings_for, stored_events, sync
+from support import KEY, handed_batches, scalar, settings_for, stored_events, sync
 
 import ingest.sync
 from ingest import batchlog
@@ -174,15 +174,7 @@ def test_the_batches_a_duckdb_sync_hands_the_rules_following_it_are_what_the_war
         return inject(body, [changed]) if request.url.params.get("after") == stream[99]["id"] else None
 
     transport = Corrupting(corrupt)
-    handed: list[int] = []
-    take = batchlog._Kept.take
-
-    def counted(self, engine, seqs):
-        found = take(self, engine, seqs)
-        handed.extend(found)
-        return found
-
-    monkeypatch.setattr(batchlog._Kept, "take", counted)
+    handed = handed_batches(monkeypatch)
     warehouse = Warehouse(duckdb_url)
     try:
         with batchlog.keeping(warehouse.engine):

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
-from support import KEY, cli, settings_for, stored_events, sync
+from support import KEY, cli, handed_batches, settings_for, stored_events, sync
 
 from ingest import detect, model, scenarios
 from ingest.errors import RulesError
@@ -132,22 +132,14 @@ def test_rules_keep_up_with_the_sync_as_it_commits_and_raise_what_one_pass_after
     """The rules run alongside the sync (ingest.consumers.alongside), in rounds over what committed since their
     last: a sync that waits for them mid-way is not waiting in vain, and their alerts are those of one pass over
     every batch once the sync has ended."""
-    from ingest import batchlog, consumers
+    from ingest import consumers
     from ingest.sync import run_sources
 
     server = simulator(events=0, seed=5, latency=0.03)  # slow enough a page to be split: slices commit concurrently
     server.sim.append(2000, types=QUIET_TYPES)
     expected = plant_all(server.sim)
     monkeypatch.setattr("ingest.sync.BATCH_EVENTS", 100)  # a batch a page
-    handed: list[int] = []  # batches the sync's writers handed the rules unread (DuckDB: ingest.batchlog.keeping)
-    take = batchlog._Kept.take
-
-    def counted(self, engine, seqs):
-        found = take(self, engine, seqs)
-        handed.extend(found)
-        return found
-
-    monkeypatch.setattr(batchlog._Kept, "take", counted)
+    handed = handed_batches(monkeypatch)  # batches the sync's writers handed the rules unread (DuckDB)
     settings = settings_for(server, db_url, allowed_email_domains=DOMAINS, workers=4)
     warehouse = Warehouse(db_url)
     caught_up: list[int] = []  # the rules' checkpoint, read once while the sync waits a few pages in
