@@ -265,11 +265,12 @@ def _with_seq(rows, seq: int | None):
 
 
 def unstored(conn: sa.Connection, events: list[dict], until: int) -> list[dict]:
-    """The events of `events` (as served) but those of effective_at `until` or older stored already, looked up by
-    id within their time range as the insert-if-absent does (in a transaction of its own): a batch's replays
-    left out before they are normalised. The insert-if-absent still keeps every event once: this only saves work."""
-    times = [e["effective_at"] for e in events if e["effective_at"] <= until]
-    if not times:
+    """`events` (as served) without those stored already, when some of them are as old as `until` (a lookback's
+    replays): looked up by id within the time range of them all, where the insert-if-absent would find them, of
+    any source as it does (in a transaction of its own). It only saves work: the insert-if-absent keeps every
+    event once, and what it leaves out is what that would."""
+    times = [e["effective_at"] for e in events]
+    if not times or min(times) > until:
         return events
     ev = model.audit_events
     window = ev.c.effective_at.between(model.to_datetime(min(times)), model.to_datetime(max(times)))

@@ -47,6 +47,26 @@ def test_new_and_late_events_between_runs_land_once(simulator, db_url, key_env):
     assert_exact(server.sim, db_url)
 
 
+def test_late_events_in_a_dense_lookback_land_once_and_an_event_moved_later_upstream_is_not_stored_twice(
+    simulator, db_url, key_env
+):
+    """The lookback sees hundreds of stored events again (left out unstaged on DuckDB: `store.unstored`): the late
+    ones among them land, and one the API serves again with a later effective_at stays one row, as first served."""
+    server = simulator(events=1500, seed=9, span_seconds=1800)
+    sync(server, db_url)
+    server.sim.append(30, late_by=300)  # before the checkpoint, inside the lookback
+    [moved] = server.sim.append(1, types=["project.created"])  # the newest, alone in its second
+    [summary] = sync(server, db_url)
+    assert summary.events_new == 31 and summary.events_seen > 300
+    assert_exact(server.sim, db_url)
+    time.sleep(1.1)  # a second after the checkpoint
+    server.sim.replace({**moved, "effective_at": int(time.time())})
+    [summary] = sync(server, db_url)
+    assert summary.events_new == 0
+    assert scalar(db_url, f"SELECT count(*) FROM audit_events WHERE id = '{moved['id']}'") == 1
+    assert stored_events(db_url)[moved["id"]] == moved
+
+
 def test_run_with_nothing_new_makes_at_most_two_requests(simulator, db_url, key_env):
     server = simulator(events=10000, seed=3)
     sync(server, db_url)
