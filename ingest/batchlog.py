@@ -8,8 +8,8 @@ their batches' writes (their downloads and normalising still overlap).
 
 `read_after` is the one way to read the log; `ingest.consumers` runs its users from their checkpoints. While a
 consumer follows a sync in the same process (`keeping`), the batches this process commits are handed to it with
-their events as parsed from the API (`committed`), instead of being read back and parsed again: most of a rules'
-round otherwise. The same values: `raw` is stored as those events' canonical JSON.
+their events as parsed from the API (`committed`), instead of being read back and parsed again. The same values
+on DuckDB, whose `raw` is those events' canonical JSON (the backend's RAW_AS_SERVED).
 """
 
 from __future__ import annotations
