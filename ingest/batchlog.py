@@ -86,7 +86,8 @@ def last_seq(conn: sa.Connection) -> int:
 
 class _Kept:
     """The batches committed in this process to a warehouse that `keeping` is on for (by engine), with their new
-    events, id order, oldest first. At most LIMIT events: a consumer that falls behind reads older ones back."""
+    events, id order. At most LIMIT events, the oldest batches dropped first: a consumer that falls behind reads
+    them back. Concurrent writers hand theirs over after their commits, so not always in sequence order."""
 
     LIMIT = 20000
 
@@ -102,8 +103,8 @@ class _Kept:
                 return
             self.events += len(events) - len(self.batches.get((engine, seq), ()))
             self.batches[engine, seq] = events
-            while self.events > self.LIMIT:  # the oldest first: batches are added in commit order
-                self.events -= len(self.batches.pop(next(iter(self.batches))))
+            while self.events > self.LIMIT:
+                self.events -= len(self.batches.pop(min(self.batches, key=lambda k: k[1])))
 
     def take(self, engine: sa.Engine, seqs: list[int]) -> dict[int, list[StoredEvent]]:
         """The kept events of the batches of `seqs` (in order, the log's from its first); none of them, nor

@@ -341,8 +341,7 @@ def _values(event: dict, path: str) -> list:
     """The values at a dotted path; lists on the way are flattened (any item may match). Keys may hold
     dots themselves: the payload is under the event's type (`api_key.created.data.scopes`)."""
     out: list = []
-    steps = _steps(path)
-    _walk(event, steps, 0, out)
+    _walk(event, _steps(path), 0, out)
     return out
 
 

@@ -866,8 +866,6 @@ def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSum
 
     with lock:  # concurrent sweeps (backfill slices) overlap all but their writes
         seq, new = store.atomically(conn, write)
-        if new and batch.served is not None:
-            batchlog.committed(conn, seq, batch.served, new)
         summary.pages += batch.pages
         summary.events_seen += batch.events
         summary.events_new += len(new)
@@ -881,6 +879,8 @@ def _save(conn: sa.Connection, state: SweepState, batch: _Batch, summary: RunSum
         for kind in mismatches.keys() - _mismatch_logged:
             _mismatch_logged.add(kind)
             log.warning("payload of %s does not match its declared shape; stored what fits (raw JSON kept)", kind)
+    if new and batch.served is not None:  # committed: handed over outside the lock the other writers wait on
+        batchlog.committed(conn, seq, batch.served, new)
 
 
 _mismatch_logged: set[str] = set()  # once per type per process

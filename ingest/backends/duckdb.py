@@ -139,7 +139,8 @@ def stage(batch: model.Batch) -> model.Batch:
 
 
 def arrow(table: sa.Table, rows: list[dict]):
-    """An Arrow table of `rows`; unchanged if they are a few values, or an Arrow table already."""
+    """An Arrow table of `rows`; unchanged if they are a few values (a few more while pyarrow is not imported), or
+    an Arrow table already."""
     if is_arrow(rows) or not rows:
         return rows
     values = len(rows) * len(rows[0])
